@@ -1,0 +1,183 @@
+"""Measurement: pure functions called the same way for the baseline and every method.
+
+The grid is only fair if every cell is measured by the same code: dense and non-zero
+parameter counts, FLOPs (torch's own counter), the saved file's size, latency (fixed
+threads, warm-up, median of repeats) and peak memory (sampled resident set size, plus
+CUDA peak allocation on a GPU). Unstructured sparsity makes no dense model faster or
+smaller, so both counts and the measured latency are reported as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import psutil
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters, dense count (shared modules count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(int(torch.count_nonzero(t.detach())) for t in tensors)
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    """Parameters not exactly zero (a pruning mask that is applied counts as zeros)."""
+    return count_nonzero(model.parameters())
+
+
+def sparsity(tensors: Iterable[torch.Tensor]) -> float:
+    """Share of exactly-zero entries over all ``tensors`` (Algorithm 1 of SEEDS.md 003)."""
+    tensors = list(tensors)
+    total = sum(t.numel() for t in tensors)
+    return 0.0 if total == 0 else 1.0 - count_nonzero(tensors) / total
+
+
+def model_sparsity(model: nn.Module) -> float:
+    return sparsity(model.parameters())
+
+
+def layer_sparsity(model: nn.Module, kind: type[nn.Module]) -> float:
+    """Share of zero weights over all ``kind`` layers (e.g. ``nn.Conv2d``, ``nn.BatchNorm2d``)."""
+    return sparsity(m.weight for m in model.modules() if isinstance(m, kind) and getattr(m, "weight", None) is not None)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def flops(model: nn.Module, input_size: int, channels: int = 3) -> int:
+    """Forward FLOPs for one input (a multiply-add counts 2), by ``torch.utils.flop_counter``."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, channels, input_size, input_size, device=_device(model))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def save_model(model: nn.Module, path: str | Path) -> Path:
+    """Save the whole module (architecture included: pruned models change shape)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return path
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> nn.Module:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def file_size_mb(path: str | Path) -> float:
+    return Path(path).stat().st_size / 1e6
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Fix torch's intra-op thread count for the block (restored after)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency_ms(model: nn.Module, input_size: int, batch_size: int = 1, *, warmup: int = 10, repeats: int = 50,
+               threads: int | None = None, channels: int = 3) -> float:
+    """Median wall time of one forward pass per image, in ms, after ``warmup`` passes."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, channels, input_size, input_size, device=device)
+    times = []
+    with num_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        _sync(device)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return statistics.median(times) * 1000.0 / batch_size
+
+
+@dataclass
+class PeakMemory:
+    """Peak resident set size of this process (MB) while the block runs, sampled by a thread;
+    on a GPU also the CUDA peak allocation (``cuda_peak_mb``)."""
+
+    interval_s: float = 0.005
+    peak_mb: float = 0.0
+    cuda_peak_mb: float | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def _sample(self) -> None:
+        proc = psutil.Process(os.getpid())
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, proc.memory_info().rss / 2**20)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, psutil.Process(os.getpid()).memory_info().rss / 2**20)
+        if torch.cuda.is_available():
+            self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def static_metrics(model: nn.Module, input_size: int) -> dict[str, float]:
+    """Size figures of a model: dense/non-zero parameters, sparsity and FLOPs."""
+    params = count_params(model)
+    nonzero = count_nonzero_params(model)
+    return {
+        "model/params": params,
+        "model/params_nonzero": nonzero,
+        "model/sparsity": 0.0 if params == 0 else 1.0 - nonzero / params,
+        "model/flops": flops(model, input_size),
+    }
+
+
+def speed_metrics(model: nn.Module, input_size: int, *, batch_size: int = 32, warmup: int = 10,
+                  repeats: int = 50, threads: int | None = None) -> dict[str, float]:
+    """Latency at batch 1 and at ``batch_size`` (per image), and the benchmark's peak memory."""
+    with PeakMemory() as mem:
+        single = latency_ms(model, input_size, 1, warmup=warmup, repeats=repeats, threads=threads)
+        batch = latency_ms(model, input_size, batch_size, warmup=max(1, warmup // 2),
+                           repeats=max(3, repeats // 5), threads=threads)
+    return {
+        "time/infer_ms": single,
+        "time/infer_ms_batch": batch,
+        "memory/infer_peak_mb": mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.peak_mb,
+    }

@@ -1,0 +1,190 @@
+"""Backbone builders: torchvision / timm models turned into a :class:`~prunegrid.models.net.Net`.
+
+Each builder is the ``_target_`` of a YAML in ``conf/backbone/`` and takes the same options:
+``pretrained`` (ImageNet weights through the library's normal download), ``weights_path`` (a
+local state dict of the original model, for machines without internet), ``dropout`` of the new
+head, and ``freeze`` (leading stages kept frozen; SEEDS.md 001 freezes all but the last: -1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from prunegrid.errors import ConfigError
+from prunegrid.models.net import ClassifierHead, Net, seq
+
+
+def _load_state(model: nn.Module, arch: str, pretrained: bool, weights_path: str | None,
+                fetch: Callable[[], dict]) -> None:
+    """Load ImageNet weights from ``weights_path`` or through the library's download."""
+    if weights_path:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"backbone.weights_path={weights_path} does not exist; give a local state dict file")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"backbone.weights_path={weights_path} does not fit {arch}: {first}") from exc
+    elif pretrained:
+        try:
+            model.load_state_dict(fetch())
+        except Exception as exc:  # offline: URLError, OSError, hub errors
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise ConfigError(
+                f"cannot fetch ImageNet weights for {arch} ({type(exc).__name__}: {reason}); "
+                "run with backbone.pretrained=false, or download them and set backbone.weights_path=FILE"
+            ) from exc
+
+
+def _torchvision(arch: str, pretrained: bool, weights_path: str | None) -> nn.Module:
+    model = torchvision.models.get_model(arch, weights=None)
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    _load_state(model, arch, pretrained, weights_path, lambda: weights.get_state_dict(progress=True))
+    return model
+
+
+def _finish(net: Net, *, input_size: int, min_input_size: int, freeze: int) -> Net:
+    """Check the input size fits, then freeze leading stages."""
+    if input_size < min_input_size:
+        raise ConfigError(
+            f"dataset.input_size={input_size} is too small for backbone {net.arch} "
+            f"(minimum {min_input_size}); set dataset.input_size={min_input_size} or more"
+        )
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, input_size, input_size))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"dataset.input_size={input_size} is too small for backbone {net.arch}: "
+            f"{str(exc).splitlines()[0][:120]}"
+        ) from exc
+    net.train()
+    net.freeze(freeze)
+    return net
+
+
+def resnet(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
+           weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
+           min_input_size: int = 16, block_factory: Callable[[nn.Module, int], nn.Module] | None = None) -> Net:
+    """torchvision ResNet: stem (conv1, bn1, relu, maxpool), one unit per residual block.
+
+    ``block_factory(block, stage_index)`` may wrap each block (used by the SE variants).
+    """
+    m = _torchvision(arch, pretrained, weights_path)
+    units = [("stem", seq(m.conv1, m.bn1, m.relu, m.maxpool))]
+    stages = [["stem"]]
+    for s, layer in enumerate([m.layer1, m.layer2, m.layer3, m.layer4], start=1):
+        names = []
+        for b, block in enumerate(layer):
+            name = f"layer{s}_{b}"
+            units.append((name, block_factory(block, s) if block_factory else block))
+            names.append(name)
+        stages.append(names)
+    net = Net(units, ClassifierHead(m.fc.in_features, num_classes, dropout), stages, arch, num_classes)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+
+
+def vgg(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
+        weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
+        min_input_size: int = 32) -> Net:
+    """torchvision VGG: one unit per conv(+BN)+ReLU and per max-pool; stages end at pools.
+
+    The head keeps VGG's fully connected layers (most of its 143.7M parameters, as in the
+    paper's count) and replaces the last one with dropout + a linear layer for the classes.
+    """
+    m = _torchvision(arch, pretrained, weights_path)
+    units, stages, current, buf, conv_i, pool_i = [], [], [], [], 0, 0
+    for layer in m.features:
+        buf.append(layer)
+        if isinstance(layer, nn.ReLU):
+            conv_i += 1
+            name = f"conv{conv_i}"
+            units.append((name, seq(*buf)))
+            current.append(name)
+            buf = []
+        elif isinstance(layer, nn.MaxPool2d):
+            pool_i += 1
+            name = f"pool{pool_i}"
+            units.append((name, seq(*buf)))
+            current.append(name)
+            stages.append(current)
+            current, buf = [], []
+    classifier = list(m.classifier.children())[:-2]
+    head = nn.Sequential(m.avgpool, nn.Flatten(), *classifier, nn.Dropout(dropout),
+                         nn.Linear(m.classifier[-1].in_features, num_classes))
+    net = Net(units, head, stages, arch, num_classes)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+
+
+def efficientnet(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
+                 weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
+                 min_input_size: int = 32) -> Net:
+    """torchvision EfficientNet: stem conv, one unit per MBConv block, the final 1x1 conv."""
+    m = _torchvision(arch, pretrained, weights_path)
+    feats = list(m.features.children())
+    units, stages = [("stem", feats[0])], [["stem"]]
+    for s, stage in enumerate(feats[1:-1], start=1):
+        names = []
+        for b, block in enumerate(stage):
+            name = f"stage{s}_{b}"
+            units.append((name, block))
+            names.append(name)
+        stages.append(names)
+    units.append(("head_conv", feats[-1]))
+    stages[-1].append("head_conv")
+    in_features = m.classifier[-1].in_features
+    net = Net(units, ClassifierHead(in_features, num_classes, dropout), stages, arch, num_classes)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+
+
+def timm_xception(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
+                  weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
+                  min_input_size: int = 32) -> Net:
+    """timm's (legacy) Xception, the Keras model of SEEDS.md 000: entry stem, 12 blocks, exit convs."""
+    import timm
+
+    m = timm.create_model(arch, pretrained=False)
+
+    def fetch() -> dict:
+        return timm.create_model(arch, pretrained=True).state_dict()
+
+    _load_state(m, arch, pretrained, weights_path, fetch)
+    units = [("stem", seq(m.conv1, m.bn1, m.act1, m.conv2, m.bn2, m.act2))]
+    blocks = [f"block{i}" for i in range(1, 13)]
+    units += [(b, getattr(m, b)) for b in blocks]
+    units += [("exit1", seq(m.conv3, m.bn3, m.act3)), ("exit2", seq(m.conv4, m.bn4, m.act4))]
+    stages = [["stem"], blocks[:3], blocks[3:11], [blocks[11], "exit1", "exit2"]]
+    net = Net(units, ClassifierHead(m.num_features, num_classes, dropout), stages, arch, num_classes)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+
+
+def simple_cnn(num_classes: int, input_size: int, arch: str = "simple_cnn", pretrained: bool = False,
+               weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
+               channels: tuple[int, int] = (32, 64), hidden: tuple[int, int] = (256, 128),
+               min_input_size: int = 8) -> Net:
+    """The small CNN of SEEDS.md 002: two conv layers, two poolings, three fully connected layers."""
+    if pretrained or weights_path:
+        raise ConfigError("simple_cnn has no ImageNet weights; set backbone.pretrained=false and backbone.weights_path=null")
+    c1, c2 = channels
+    units = [
+        ("conv1", seq(nn.Conv2d(3, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(inplace=True))),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", seq(nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(inplace=True))),
+        ("pool2", nn.MaxPool2d(2)),
+    ]
+    h1, h2 = hidden
+    head = nn.Sequential(
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c2 * 16, h1), nn.ReLU(inplace=True),
+        nn.Linear(h1, h2), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(h2, num_classes),
+    )
+    net = Net(units, head, [["conv1", "pool1"], ["conv2", "pool2"]], arch, num_classes)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)

@@ -1,0 +1,258 @@
+"""One cell end to end: data -> model -> method hooks -> fit -> measure -> track.
+
+``run(cfg)`` is what ``train.py`` calls. Everything is built from config with
+``_target_``; the pipeline knows no method or backbone by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from prunegrid import measure, plots, tracking
+from prunegrid.config import build, cell, flatten
+from prunegrid.errors import ConfigError
+from prunegrid.models.module import Classifier
+from prunegrid.pruning.base import Context, PruningMethod
+
+log = logging.getLogger("prunegrid")
+logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines; avoid doubles
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch, validation excluded."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t0: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def _stop(self):
+        if self._t0 is not None:
+            self.times.append(time.perf_counter() - self._t0)
+            self._t0 = None
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._stop()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._stop()
+
+
+@dataclass
+class FitStats:
+    seconds: float = 0.0
+    epoch_times: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+    epochs: int = 0
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if cfg.paths.get("output_dir"):
+        return Path(cfg.paths.output_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+
+
+class Cell:
+    """The objects of one cell and the training / evaluation steps methods may call."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.cell = cell(cfg)
+        self.out = output_dir(cfg)
+        self.data = build(cfg.dataset, seed=cfg.seed)
+        self.data.setup()
+        self.num_classes = self.data.num_classes
+        self.input_size = int(cfg.dataset.input_size)
+        self.net: nn.Module = build(cfg.backbone, num_classes=self.num_classes, input_size=self.input_size)
+        self.method: PruningMethod = build(cfg.prune)
+        self.loss = build(cfg.loss)
+        self.optimizer = build(cfg.optimizer)
+        self.scheduler = build(cfg.scheduler)
+        self.fits: list[FitStats] = []
+        self.tracker: tracking.Tracker | None = None
+        self.logger: tracking.EpochLogger | None = None
+
+    # -- steps offered to methods through Context ---------------------------------------
+    def _trainer(self, epochs: int, callbacks: list, logger: Any) -> L.Trainer:
+        cbs = [build(c) for c in (self.cfg.trainer.get("callbacks") or {}).values() if c]
+        if not any(isinstance(c, ModelCheckpoint) for c in cbs):
+            cbs.append(ModelCheckpoint(save_top_k=0, save_last=False))
+        node = OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"])
+        return build(node, max_epochs=epochs, callbacks=cbs + list(callbacks), logger=logger,
+                     default_root_dir=str(self.out))
+
+    def fit(self, net: nn.Module, epochs: int, callbacks: list | tuple = ()) -> nn.Module:
+        """Train ``net`` for up to ``epochs`` with the configured trainer; return the best weights."""
+        module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
+        timer = EpochTimer()
+        trainer = self._trainer(epochs, [timer, *callbacks], self.logger or False)
+        t0 = time.perf_counter()
+        with measure.PeakMemory() as mem:
+            trainer.fit(module, datamodule=self.data)
+        stats = FitStats(time.perf_counter() - t0, timer.times,
+                         mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.peak_mb, trainer.current_epoch)
+        self.fits.append(stats)
+        if self.logger is not None:
+            self.logger.next_fit(trainer.current_epoch)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            try:
+                module.load_state_dict(state)
+            except RuntimeError:
+                log.warning("best checkpoint does not fit the model changed during training; keeping the last weights")
+        return module.net
+
+    @torch.no_grad()
+    def evaluate(self, net: nn.Module, split: str = "val", max_batches: int | None = None) -> dict[str, float]:
+        """Accuracy and mean loss of ``net`` on a split, in a plain loop (no Lightning)."""
+        was = net.training
+        net.eval()
+        correct = total = 0
+        loss_sum = 0.0
+        for i, (x, y) in enumerate(self.data.loader(split, shuffle=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = net(x)
+            loss_sum += float(self.loss(logits, y)) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+        net.train(was)
+        return {"acc": correct / max(1, total), "loss": loss_sum / max(1, total)}
+
+    def context(self) -> Context:
+        tr = self.tracker
+        return Context(
+            num_classes=self.num_classes, input_size=self.input_size, seed=int(self.cfg.seed),
+            fit=self.fit, evaluate=self.evaluate, loader=self.data.loader,
+            log_metrics=(lambda m: tr.log_metrics(m)) if tr else (lambda m: None),
+            log_artifact=(lambda p, a=None: tr.log_artifact(p, a)) if tr else (lambda p, a=None: None),
+            artifact_dir=tr.artifact_dir if tr else self.out, extras={"cfg": self.cfg, "cell": self.cell},
+        )
+
+    # -- the whole cell -------------------------------------------------------------------
+    def test(self, net: nn.Module) -> dict[str, Any]:
+        module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
+        trainer = build(OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"]),
+                        logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=str(self.out))
+        trainer.test(module, datamodule=self.data, verbose=False)
+        return module.test_results
+
+
+def _load_baseline(path: str, net: nn.Module, num_classes: int) -> nn.Module:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"prune.baseline_ckpt={path} does not exist; give the model.pt of the prune=none cell")
+    base = measure.load_model(p)
+    arch, classes = getattr(base, "arch", type(base).__name__), getattr(base, "num_classes", None)
+    if arch != getattr(net, "arch", None) or classes != num_classes:
+        raise ConfigError(f"prune.baseline_ckpt={path} is a {arch} with {classes} classes; "
+                          f"this cell needs {getattr(net, 'arch', '?')} with {num_classes} classes")
+    return base
+
+
+def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
+    """Train, lighten, measure and track one cell; return its metrics."""
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    c = Cell(cfg)
+    baseline_net = copy.deepcopy(c.net)
+    c.method.check(c.net, c.context())
+    start_net = _load_baseline(c.method.baseline_ckpt, c.net, c.num_classes) if c.method.baseline_ckpt else None
+
+    tags = {**c.cell, "git_commit": tracking.git_commit(Path(__file__).parent),
+            "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running"}
+    exp = cfg.tracking.get("experiment") or c.cell["dataset"]
+    c.tracker = tracking.Tracker(cfg.tracking.get("uri"), exp, tracking.run_name(c.cell), tags)
+    with c.tracker.run(flatten(cfg), parent_run_id=parent_run_id) as tr:
+        c.logger = tr.lightning_logger()
+        ctx = c.context()
+        tr.log_text(OmegaConf.to_yaml(cfg, resolve=True), tracking.ARTIFACT_CONFIG)
+        if c.data.splits.bad_images:
+            tr.log_metrics({"data/bad_images_skipped": c.data.splits.bad_images})
+
+        net = start_net if start_net is not None else c.method.before_fit(c.net, ctx)
+        if start_net is None:
+            net = c.fit(net, int(cfg.trainer.max_epochs), c.method.callbacks(ctx))
+        net = c.method.after_fit(net, ctx)
+        if c.method.finetune_epochs:
+            net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx))
+
+        metrics = _evaluate_and_measure(c, net, baseline_net)
+        metrics.update(c.method.report(net, ctx))
+        tr.log_metrics(metrics)
+        _log_reports(c, tr)
+    _summary(c, metrics)
+    return metrics
+
+
+def _summary(c: Cell, m: dict[str, float]) -> None:
+    keys = ["test/acc", "test/f1_macro", "model/params", "model/params_nonzero", "model/flops", "model/size_mb",
+            "time/train_s", "time/epoch_s", "time/infer_ms", "memory/train_peak_mb"]
+    width = max(map(len, keys))
+    lines = [f"{k:<{width}}  {m[k]:,.4g}" if abs(m[k]) < 1e5 else f"{k:<{width}}  {m[k]:,.0f}" for k in keys if k in m]
+    print(f"\nprunegrid: {tracking.run_name(c.cell)} -> run {c.tracker.run_id} in {c.tracker.uri}")
+    print("\n".join(lines))
+
+
+def _evaluate_and_measure(c: Cell, net: nn.Module, baseline_net: nn.Module) -> dict[str, float]:
+    res = c.test(net)
+    c.test_results = res
+    m: dict[str, float] = {"test/acc": float(res["acc"]), "test/loss": float(res["loss"]),
+                           "test/f1_macro": float(res["f1_macro"])}
+    for kind in tracking.PER_CLASS_KINDS:
+        for name, value in zip(c.data.classes, res[kind].tolist()):
+            m[tracking.class_key(kind, name)] = float(value)
+
+    mcfg = c.cfg.measure
+    path = measure.save_model(net, c.tracker.artifact_dir / tracking.MODEL_FILE)
+    c.tracker.log_artifact(path, tracking.ARTIFACT_MODEL_DIR)
+    c.model_path = path
+    m.update(measure.static_metrics(net, c.input_size))
+    m["model/size_mb"] = measure.file_size_mb(path)
+    speed = dict(batch_size=mcfg.batch_size, warmup=mcfg.warmup, repeats=mcfg.repeats, threads=mcfg.threads)
+    m.update(measure.speed_metrics(net, c.input_size, **speed))
+    base_static = measure.static_metrics(baseline_net, c.input_size)
+    base_speed = measure.speed_metrics(baseline_net, c.input_size, **speed)
+    m.update({tracking.BASELINE_PREFIX + k.split("/", 1)[1]: v for k, v in {**base_static, **base_speed}.items()
+              if k in ("model/params", "model/flops", "time/infer_ms", "time/infer_ms_batch")})
+
+    last = c.fits[-1] if c.fits else FitStats()
+    m["time/train_s"] = sum(f.seconds for f in c.fits)
+    m["time/epoch_s"] = sum(last.epoch_times) / len(last.epoch_times) if last.epoch_times else 0.0
+    m["memory/train_peak_mb"] = max((f.peak_mb for f in c.fits), default=0.0)
+    return m
+
+
+def _log_reports(c: Cell, tr: tracking.Tracker) -> None:
+    from sklearn.metrics import classification_report
+
+    res = c.test_results
+    fig = plots.confusion_figure(res["confusion"].numpy(), c.data.classes)
+    tr.log_figure(fig, tracking.ARTIFACT_CONFUSION)
+    plots.close(fig)
+    fig = plots.curves_figure(c.logger.history)
+    tr.log_figure(fig, tracking.ARTIFACT_CURVES)
+    plots.close(fig)
+    report = classification_report(res["targets"].numpy(), res["preds"].numpy(), labels=list(range(c.num_classes)),
+                                   target_names=c.data.classes, digits=4, zero_division=0)
+    tr.log_text(report, tracking.ARTIFACT_REPORT)

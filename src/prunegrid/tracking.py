@@ -1,0 +1,227 @@
+"""MLflow naming and logging: the one place that knows the keys of CONTRACT.md.
+
+The pipeline logs through :class:`Tracker`; the grid report reads runs back through
+:func:`load_runs`. Metric keys, tags and artifact names are defined here only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+TAGS = ("backbone", "prune", "dataset", "loss", "seed", "git_commit", "data_md5", "status_detail")
+EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+TEST_METRICS = ("test/acc", "test/f1_macro", "test/loss")
+MODEL_METRICS = ("model/params", "model/params_nonzero", "model/sparsity", "model/flops", "model/size_mb")
+TIME_METRICS = ("time/train_s", "time/epoch_s", "time/infer_ms", "time/infer_ms_batch",
+                "memory/infer_peak_mb", "memory/train_peak_mb")
+ONNX_METRICS = ("time/infer_ms_onnx",)
+EXPLAIN_METRICS = ("explain/cam_agreement",)
+REQUIRED_METRICS = EPOCH_METRICS + TEST_METRICS + MODEL_METRICS + TIME_METRICS
+PER_CLASS_KINDS = ("f1", "precision", "recall")
+BASELINE_PREFIX = "baseline/"
+
+ARTIFACT_CONFIG = "config.yaml"
+ARTIFACT_CONFUSION = "confusion_matrix.png"
+ARTIFACT_CURVES = "curves.png"
+ARTIFACT_REPORT = "classification_report.txt"
+ARTIFACT_MODEL_DIR = "model"
+MODEL_FILE = "model.pt"
+REQUIRED_ARTIFACTS = (ARTIFACT_CONFIG, ARTIFACT_CONFUSION, ARTIFACT_CURVES, ARTIFACT_REPORT,
+                      f"{ARTIFACT_MODEL_DIR}/{MODEL_FILE}")
+
+
+def class_key(kind: str, class_name: str) -> str:
+    """``test/f1_<class>`` with the class name made safe (``T-shirt/top`` -> ``t_shirt_top``)."""
+    safe = re.sub(r"[^0-9a-zA-Z]+", "_", class_name).strip("_").lower() or "class"
+    return f"test/{kind}_{safe}"
+
+
+def method_key(method: str, name: str) -> str:
+    """A method's own metric, under its name (``layer_importance/kept_layers``)."""
+    return f"{method}/{name}"
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI: an explicit ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else SQLite at the root."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def run_name(cell: dict[str, str]) -> str:
+    return f"{cell['backbone']}-{cell['prune']}-{cell['dataset']}-{cell['loss']}-s{cell['seed']}"
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def data_md5(path: str | Path | None) -> str:
+    """The DVC hash of the data version under ``path``: the md5 in the nearest ``<dir>.dvc`` file."""
+    if not path:
+        return "untracked"
+    p = Path(path).expanduser().resolve()
+    import yaml
+
+    for candidate in [p, *p.parents]:
+        dvc_file = candidate.with_name(candidate.name + ".dvc")
+        if candidate.name and dvc_file.is_file():
+            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [])
+            if outs and outs[0].get("md5"):
+                return str(outs[0]["md5"])
+    return "untracked"
+
+
+class EpochLogger(Logger):
+    """Lightning logger writing epoch metrics to the active MLflow run with ``step = epoch``.
+
+    Successive fits in one run (fit, then fine-tune) continue the epoch count, so the curves
+    show the whole history. Test metrics are left to the pipeline.
+    """
+
+    def __init__(self, tracker: "Tracker"):
+        super().__init__()
+        self.tracker = tracker
+        self.offset = 0
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def name(self) -> str:
+        return "prunegrid"
+
+    @property
+    def version(self) -> str:
+        return self.tracker.run_id or ""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> MlflowClient:
+        return self.tracker.client
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the pipeline logs the whole resolved config once
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        metrics = dict(metrics)
+        epoch = int(metrics.pop("epoch", step or 0)) + self.offset
+        metrics = {k: float(v) for k, v in metrics.items() if not k.startswith("test/")}
+        if not metrics:
+            return
+        self.history.append({"epoch": epoch, **metrics})
+        self.tracker.log_metrics(metrics, step=epoch)
+
+    def next_fit(self, epochs_done: int) -> None:
+        self.offset += epochs_done
+
+
+class Tracker:
+    """One MLflow run per cell: tags, flattened params, metrics, artifacts, and FAILED on error."""
+
+    def __init__(self, uri: str | None, experiment: str, name: str, tags: dict[str, str]):
+        self.uri = resolve_uri(uri)
+        self.experiment, self.name, self.tags = experiment, name, dict(tags)
+        self.run_id: str | None = None
+        self.client = MlflowClient(self.uri)
+        self._tmp = tempfile.TemporaryDirectory(prefix="prunegrid-")
+        self.artifact_dir = Path(self._tmp.name)
+
+    @contextmanager
+    def run(self, params: dict[str, Any], parent_run_id: str | None = None) -> Iterator["Tracker"]:
+        """Start the run; end it FINISHED, or FAILED with the reason in ``status_detail``."""
+        mlflow.set_tracking_uri(self.uri)
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        tags = {k: str(v) for k, v in self.tags.items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(exp_id, run_name=self.name, tags=tags)
+        self.run_id = run.info.run_id
+        try:
+            self.log_params(params)
+            yield self
+        except BaseException as exc:
+            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:4000]
+            self.client.set_tag(self.run_id, "status_detail", detail)
+            self.client.log_text(self.run_id, traceback.format_exc(), "error.txt")
+            self.client.set_terminated(self.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        else:
+            self.client.set_tag(self.run_id, "status_detail", "")
+            self.client.set_terminated(self.run_id, "FINISHED")
+        finally:
+            self._tmp.cleanup()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        items = [mlflow.entities.Metric(k, float(v), mlflow.utils.time.get_current_time_millis(), step or 0)
+                 for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_figure(self, fig, name: str) -> None:
+        self.client.log_figure(self.run_id, fig, name)
+
+    def lightning_logger(self) -> EpochLogger:
+        return EpochLogger(self)
+
+
+def load_runs(uri: str | None = None, experiments: list[str] | None = None, finished_only: bool = True):
+    """Runs as a DataFrame: one row per run with ``run_id``, the CONTRACT tags and metrics."""
+    import pandas as pd
+
+    client = MlflowClient(resolve_uri(uri))
+    exps = client.search_experiments()
+    ids = [e.experiment_id for e in exps if experiments is None or e.name in experiments]
+    if not ids:
+        return pd.DataFrame()
+    filt = "attributes.status = 'FINISHED'" if finished_only else ""
+    return _search(client, ids, filt)
+
+
+def _search(client: MlflowClient, exp_ids: list[str], filt: str):
+    import pandas as pd
+
+    rows, token = [], None
+    while True:
+        page = client.search_runs(exp_ids, filter_string=filt, max_results=1000, page_token=token)
+        for r in page:
+            row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+                   "experiment_id": r.info.experiment_id, "start_time": r.info.start_time}
+            row.update({t: r.data.tags.get(t, "") for t in TAGS})
+            row.update(r.data.metrics)
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    return pd.DataFrame(rows)
