@@ -55,15 +55,18 @@ class PruningMethod:
         baseline_ckpt: a saved final model of the matching ``prune=none`` cell; when given,
             the main training is skipped and the method starts from that model.
         finetune_epochs: epochs of training after ``after_fit`` (0: none).
+        from_baseline: the method lightens a *trained* baseline (after_fit); the grid then passes the
+            matching ``prune=none`` cell's model as ``baseline_ckpt`` instead of training it again.
     """
 
     name = "none"
 
-    def __init__(self, baseline_ckpt: str | None = None, finetune_epochs: int = 0):
+    def __init__(self, baseline_ckpt: str | None = None, finetune_epochs: int = 0, from_baseline: bool = False):
         if finetune_epochs is None or finetune_epochs < 0:
             raise ConfigError(f"prune.finetune_epochs={finetune_epochs} must be 0 or more")
         self.baseline_ckpt = baseline_ckpt or None
         self.finetune_epochs = int(finetune_epochs)
+        self.from_baseline = bool(from_baseline)
 
     def check(self, net: nn.Module, ctx: Context) -> None:
         """Validate options against the model and data before any training."""

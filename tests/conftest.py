@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny cells on real Fashion-MNIST, a temporary MLflow store, image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prunegrid.config import compose, options
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    """The Fashion-MNIST files the README's setup restores (fetched here if missing)."""
+    from prunegrid.data.fetch import fetch
+
+    fetch(DATA / "fashion_mnist", ROOT)
+    return DATA / "fashion_mnist"
+
+
+def tiny(tmp_path: Path, *extra: str) -> list[str]:
+    """Overrides for a cell that runs in seconds: few images, few batches, short benchmark."""
+    return [
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"paths.output_dir={tmp_path}/out",
+        f"paths.data_dir={DATA}",
+        "dataset.subset=64",
+        "dataset.batch_size=16",
+        "dataset.eval_batch_size=32",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.enable_progress_bar=false",
+        "measure.warmup=1",
+        "measure.repeats=3",
+        "measure.batch_size=4",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, fashion_dir):
+    """``tiny_cfg("backbone=resnet34", ...)`` composes a tiny cell config."""
+
+    def make(*overrides: str):
+        return compose(tiny(tmp_path, *overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory, fashion_dir) -> Path:
+    """A real image folder tree: Fashion-MNIST PNGs in 3 class folders, 20 images each."""
+    from prunegrid.data.sources import fashion_mnist
+
+    splits = fashion_mnist(str(fashion_dir), download=False)
+    root = tmp_path_factory.mktemp("images")
+    names = {0: "t_shirt", 1: "trouser", 7: "sneaker"}
+    counts = {k: 0 for k in names}
+    for i in range(len(splits.test)):
+        img, label = splits.test[i]
+        if label in names and counts[label] < 20:
+            d = root / names[label]
+            d.mkdir(exist_ok=True)
+            Image.fromarray(img.squeeze(0).numpy()).save(d / f"{label}_{counts[label]:03d}.png")
+            counts[label] += 1
+        if all(v == 20 for v in counts.values()):
+            break
+    return root
+
+
+def group_options(group: str) -> list[str]:
+    return options(group)
+
+
+def all_group_params():
+    from prunegrid.config import GROUPS
+
+    return [(g, o) for g in GROUPS for o in options(g)]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
