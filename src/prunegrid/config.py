@@ -11,10 +11,11 @@ from typing import Any, Iterable
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from prunegrid.errors import ConfigError
+from prunegrid.errors import ConfigError, PrunegridError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("backbone", "prune", "dataset", "loss", "optimizer", "scheduler", "trainer", "tracking")
@@ -61,7 +62,12 @@ def build(node: DictConfig | None, **kwargs: Any) -> Any:
         return None
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     data.pop("name", None)
-    return instantiate(data, **kwargs)
+    try:
+        return instantiate(data, **kwargs)
+    except InstantiationException as exc:  # keep our one-line errors one line
+        if isinstance(exc.__cause__, PrunegridError):
+            raise exc.__cause__ from None
+        raise
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
