@@ -28,7 +28,11 @@ MODEL_METRICS = ("model/params", "model/params_nonzero", "model/sparsity", "mode
 TIME_METRICS = ("time/train_s", "time/epoch_s", "time/infer_ms", "time/infer_ms_batch",
                 "memory/infer_peak_mb", "memory/train_peak_mb")
 ONNX_METRICS = ("time/infer_ms_onnx",)
-EXPLAIN_METRICS = ("explain/cam_agreement",)
+EXPLAIN_METRICS = ("explain/cam_agreement", "explain/cam_pearson")
+CAM_AGREEMENT, CAM_PEARSON = EXPLAIN_METRICS
+TAG_CAM_AGREEMENT_STATUS = "cam_agreement_status"  # why cam_agreement is missing, when it is
+TAG_EXPLAIN_STATUS = "explain_status"  # why the Grad-CAM step failed, when it did
+ARTIFACT_GRADCAM = "gradcam.png"
 REQUIRED_METRICS = EPOCH_METRICS + TEST_METRICS + MODEL_METRICS + TIME_METRICS
 PER_CLASS_KINDS = ("f1", "precision", "recall")
 BASELINE_PREFIX = "baseline/"
