@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -12,6 +13,7 @@ from torchvision.transforms import v2
 
 from prunegrid.errors import ConfigError
 from prunegrid.data.sources import Splits
+from prunegrid.data.synthetic import synthetic_folder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +37,8 @@ def _targets(ds: Dataset) -> list[int]:
     if isinstance(ds, Subset):
         parent = _targets(ds.dataset)
         return [parent[i] for i in ds.indices]
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        return [t for part in ds.datasets for t in _targets(part)]
     return list(ds.targets)
 
 
@@ -48,14 +52,17 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: share of the training split carved out for validation (seeded).
         hflip / color_jitter: augmentations of the training split (001: flip, ColorJitter(0.2, 0.2, 0.2, 0.1)).
         normalize: ImageNet mean/std normalisation. Grayscale images become 3 channels.
-        synthetic: extra training-only images (e.g. filtered GAN samples), a source or ``None``.
+        synthetic: extra training-only images (e.g. filtered GAN samples): a dataset, a source, or the path
+            of an ImageFolder tree whose class folders are named after the classes (``prunegrid.data.gan``).
         root: where the data lives (the source reads it; kept for the run's ``data_md5`` tag).
+        skip_bad_images: read by the image_folder source through its YAML; accepted here so the node builds.
     """
 
     def __init__(self, source: Callable[[], Splits] | Splits, input_size: int = 32, subset: int | None = None,
                  val_fraction: float = 0.1, batch_size: int = 128, eval_batch_size: int | None = None,
                  num_workers: int = 0, hflip: bool = True, color_jitter: list[float] | None = None,
-                 normalize: bool = True, seed: int = 0, synthetic: Any = None, root: str | None = None):
+                 normalize: bool = True, seed: int = 0, synthetic: Any = None, root: str | None = None,
+                 skip_bad_images: bool = False):
         super().__init__()
         if input_size < 1:
             raise ConfigError(f"dataset.input_size={input_size} must be a positive number of pixels")
@@ -104,6 +111,8 @@ class ImageDataModule(L.LightningDataModule):
         train, val, test = self._cap(train, 1), self._cap(val, 2), self._cap(raw.test, 3)
         if self.synthetic is not None:
             extra = self.synthetic() if callable(self.synthetic) else self.synthetic
+            if isinstance(extra, (str, Path)):
+                extra = synthetic_folder(extra, list(raw.classes))
             train = torch.utils.data.ConcatDataset([train, extra])
         self.classes = list(raw.classes)
         self.splits = Splits(train, test, self.classes, val=val, bad_images=raw.bad_images)
