@@ -201,6 +201,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)
         _log_reports(c, tr)
+        from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (SEEDS.md 002)
+        metrics.update(log_run_explanations(c, net, tr))
     _summary(c, metrics)
     return metrics
 

@@ -1,0 +1,5 @@
+"""Grad-CAM explanations (SEEDS.md 002): heatmaps for every run and their agreement with the baseline cell."""
+
+from prunegrid.explain.gradcam import agreement, gradcam, log_run_explanations, pearson, target_layer, top_iou
+
+__all__ = ["agreement", "gradcam", "log_run_explanations", "pearson", "target_layer", "top_iou"]

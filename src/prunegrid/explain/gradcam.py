@@ -1,0 +1,284 @@
+"""Grad-CAM heatmaps for every run, and how far a lightened model still looks where its baseline looks.
+
+SEEDS.md 002 ("SE channel attention with Grad-CAM") shows Grad-CAM heatmaps (Selvaraju et al.,
+ICCV 2017) of the last conv stage to see which image regions a classifier uses. Here every run
+draws them for the same fixed test images (picked by ``explain.seed`` from the whole test split,
+so runs of a dataset with any ``dataset.subset`` share them) into one artifact ``gradcam.png``,
+and logs ``explain/cam_agreement``: the mean IoU of the top-20% heat regions between this run's
+maps and the maps of its ``prune=none`` cell (same backbone, dataset, loss and seed), plus
+``explain/cam_pearson``, the mean Pearson correlation of the maps. Heatmaps come from the
+maintained ``grad-cam`` package (``pytorch_grad_cam``); both models explain the *true* class, so
+two models are compared on the same question.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from prunegrid import measure, tracking
+from prunegrid.errors import ConfigError
+
+log = logging.getLogger("prunegrid")
+
+BASELINE_PRUNE = "none"
+TOP_FRACTION = 0.2
+
+
+# -- pure agreement measures ------------------------------------------------------------------
+def top_region(cam: np.ndarray, fraction: float = TOP_FRACTION) -> np.ndarray:
+    """Boolean mask of the ``fraction`` hottest pixels of a heatmap (ties broken by position)."""
+    flat = np.asarray(cam, dtype=np.float64).ravel()
+    k = max(1, int(math.ceil(fraction * flat.size)))
+    mask = np.zeros(flat.size, dtype=bool)
+    mask[np.argsort(-flat, kind="stable")[:k]] = True
+    return mask.reshape(np.shape(cam))
+
+
+def top_iou(a: np.ndarray, b: np.ndarray, fraction: float = TOP_FRACTION) -> float:
+    """Intersection over union of the top-``fraction`` regions of two heatmaps of one image."""
+    if np.shape(a) != np.shape(b):
+        raise ValueError(f"heatmaps differ in shape: {np.shape(a)} vs {np.shape(b)}")
+    ma, mb = top_region(a, fraction), top_region(b, fraction)
+    return float((ma & mb).sum() / (ma | mb).sum())
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two heatmaps; a flat map correlates 1 with an equal map, else 0."""
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"heatmaps differ in shape: {np.shape(a)} vs {np.shape(b)}")
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    if den == 0.0:
+        return 1.0 if np.allclose(x, y) else 0.0
+    return float((x * y).sum() / den)
+
+
+def agreement(maps_a: Sequence[np.ndarray], maps_b: Sequence[np.ndarray],
+              fraction: float = TOP_FRACTION) -> tuple[float, float]:
+    """Mean top-region IoU and mean Pearson correlation over pairs of heatmaps of the same images."""
+    if len(maps_a) != len(maps_b) or len(maps_a) == 0:
+        raise ValueError(f"need the same non-zero number of heatmaps, got {len(maps_a)} and {len(maps_b)}")
+    ious = [top_iou(a, b, fraction) for a, b in zip(maps_a, maps_b)]
+    rs = [pearson(a, b) for a, b in zip(maps_a, maps_b)]
+    return float(np.mean(ious)), float(np.mean(rs))
+
+
+# -- target layer and heatmaps ----------------------------------------------------------------
+def _unit_sizes(net: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
+    """Output shape of each feature unit for one input of ``input_size`` pixels."""
+    sizes: dict[str, tuple[int, ...]] = {}
+    hooks = [u.register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, tuple(o.shape)))
+             for n, u in net.features.named_children()]
+    was = net.training
+    net.eval()
+    try:
+        p = next(net.parameters(), None)
+        with torch.no_grad():
+            net(torch.zeros(1, 3, input_size, input_size, device=p.device if p is not None else "cpu"))
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was)
+    return sizes
+
+
+def target_layer(net: nn.Module, path: str | None = None, input_size: int | None = None) -> tuple[str, nn.Module]:
+    """The layer Grad-CAM reads: ``path`` (dotted, e.g. ``features.layer4_1``) if given, else
+    ``net.cam_layer()`` (the last non-identity unit, so rebuilt and pruned nets work), stepping
+    back to the last unit with a map larger than 1x1 where the last one has none (a ResNet at
+    32 px ends in 1x1 maps, which locate nothing)."""
+    if path:
+        try:
+            return path, net.get_submodule(path)
+        except AttributeError:
+            units = ", ".join(f"features.{n}" for n in getattr(getattr(net, "features", None), "_modules", {}))
+            raise ConfigError(f"explain.target_layer={path} is not a module of this model; "
+                              f"use a dotted path such as one of: {units or 'features.<unit>'}") from None
+    if not hasattr(net, "cam_layer"):
+        raise ConfigError("this model has no cam_layer(); set explain.target_layer to a dotted module path")
+    last = net.cam_layer()
+    names = {id(u): n for n, u in net.features.named_children()}
+    if input_size is not None:
+        sizes = _unit_sizes(net, input_size)
+        for name, unit in reversed(list(net.features.named_children())):
+            shape = sizes.get(name, ())
+            if not isinstance(unit, nn.Identity) and len(shape) == 4 and shape[2] * shape[3] > 1:
+                return f"features.{name}", unit
+    return f"features.{names.get(id(last), '?')}", last
+
+
+def gradcam(net: nn.Module, images: torch.Tensor, layer: nn.Module,
+            targets: Sequence[int] | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """Grad-CAM heatmaps (N, H, W) in [0, 1] at the input size, and the logits (one forward and
+    backward pass). ``targets``: the class to explain per image (``None``: the predicted one).
+    The net's train/eval mode is restored and its parameter gradients cleared afterwards."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    was = net.training
+    try:
+        with GradCAM(model=net, target_layers=[layer]) as cam:
+            cam.compute_input_gradient = True  # gradients reach the target layer even when its weights are frozen
+            tgt = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
+            maps = cam(input_tensor=images, targets=tgt)
+            logits = cam.outputs.detach().cpu()
+    finally:
+        net.zero_grad(set_to_none=True)
+        net.train(was)
+    return np.asarray(maps, dtype=np.float32), logits
+
+
+# -- fixed images -----------------------------------------------------------------------------
+def _full_test(data: Any):
+    """The test split before the DataModule's ``dataset.subset`` cap (the same for every subset/seed)."""
+    test = data.splits.test
+    subset = getattr(data, "subset", None)
+    if subset is not None and isinstance(test, Subset) and len(test) == subset and len(test.dataset) > subset:
+        return test.dataset
+    return test
+
+
+def fixed_images(data: Any, n: int, seed: int = 0) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``n`` test images picked with ``seed`` (evaluation transform), their labels and indices."""
+    if n < 1:
+        raise ConfigError(f"explain.n_images={n} must be 1 or more (or set explain.enabled=false)")
+    data.setup()
+    test = _full_test(data)
+    n = min(n, len(test))
+    idx = sorted(np.random.default_rng(seed).choice(len(test), size=n, replace=False).tolist())
+    tf = data.transform(False)
+    pairs = [test[i] for i in idx]
+    return torch.stack([tf(img) for img, _ in pairs]), [int(y) for _, y in pairs], idx
+
+
+def display_images(x: torch.Tensor, normalized: bool = True) -> np.ndarray:
+    """(N, H, W, 3) float images in [0, 1]: the network inputs with the ImageNet normalisation undone."""
+    from prunegrid.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
+
+    x = x.detach().cpu().float()
+    if normalized:
+        x = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def figure(rgb: np.ndarray, maps: np.ndarray, titles_top: Sequence[str], titles_bottom: Sequence[str],
+           suptitle: str = "", colors: Sequence[str] | None = None, ncols: int = 4):
+    """Pairs of panels per image: the image (top title) and its Grad-CAM overlay (bottom title)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from prunegrid.plots import plt
+
+    n = len(rgb)
+    ncols = max(1, min(ncols, n))
+    nrows = 2 * math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 2.4 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        r, col = 2 * (i // ncols), i % ncols
+        axes[r, col].imshow(rgb[i], interpolation="nearest")
+        axes[r, col].set_title(titles_top[i], fontsize=8)
+        axes[r + 1, col].imshow(show_cam_on_image(rgb[i].astype(np.float32), maps[i], use_rgb=True),
+                                interpolation="bilinear")
+        axes[r + 1, col].set_title(titles_bottom[i], fontsize=8, color=(colors[i] if colors else "black"))
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# -- the per-run step ---------------------------------------------------------------------------
+def _find_baseline_run(client, cell: dict[str, str]):
+    """The latest FINISHED ``prune=none`` run of the same backbone, dataset, loss and seed."""
+    from mlflow.entities import ViewType
+
+    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not exp_ids:
+        return None
+    keys = {**{k: cell[k] for k in ("backbone", "dataset", "loss", "seed")}, "prune": BASELINE_PRUNE}
+    filt = " and ".join(f"tags.{k} = '{v}'" for k, v in keys.items()) + " and attributes.status = 'FINISHED'"
+    runs = client.search_runs(exp_ids, filter_string=filt, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def baseline_model(c: Any, tr: tracking.Tracker) -> tuple[nn.Module | None, str]:
+    """The ``prune=none`` cell's final model and where it came from (or ``None`` and why not):
+    the method's ``baseline_ckpt`` file if it has one, else the matching run's ``model/model.pt``."""
+    ckpt = getattr(c.method, "baseline_ckpt", None)
+    if ckpt and Path(ckpt).is_file():
+        return measure.load_model(ckpt), f"ok: baseline {ckpt}"
+    run = _find_baseline_run(tr.client, c.cell)
+    if run is None:
+        cell = c.cell
+        return None, (f"skipped: no FINISHED prune=none run of {cell['backbone']}/{cell['dataset']}/{cell['loss']}"
+                      f"/seed {cell['seed']} in {tr.uri}; run that cell first")
+    with tempfile.TemporaryDirectory(prefix="prunegrid-cam-") as tmp:
+        artifact = f"{tracking.ARTIFACT_MODEL_DIR}/{tracking.MODEL_FILE}"
+        try:
+            path = tr.client.download_artifacts(run.info.run_id, artifact, tmp)
+        except Exception as exc:
+            return None, f"skipped: baseline run {run.info.run_id} has no {artifact} ({type(exc).__name__})"
+        return measure.load_model(path), f"ok: baseline run {run.info.run_id}"
+
+
+def explain_run(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float]:
+    """Draw ``gradcam.png`` for the run's fixed test images and log the agreement metrics."""
+    ecfg = c.cfg.explain
+    x, labels, _ = fixed_images(c.data, int(ecfg.get("n_images", 8)), int(ecfg.get("seed", 0)))
+    path = ecfg.get("target_layer")
+    name, layer = target_layer(net, path, c.input_size)
+    maps, logits = gradcam(net, x, layer, labels)
+    preds = logits.argmax(1).tolist()
+
+    classes = list(c.data.classes)
+    rgb = display_images(x, bool(getattr(c.data, "normalize", True)))
+    fig = figure(rgb, maps, [f"true: {classes[y]}" for y in labels], [f"pred: {classes[p]}" for p in preds],
+                 suptitle=f"{tracking.run_name(c.cell)}: Grad-CAM of the true class at {name}",
+                 colors=["green" if p == y else "red" for p, y in zip(preds, labels)])
+    tr.log_figure(fig, tracking.ARTIFACT_GRADCAM)
+    from prunegrid.plots import close
+
+    close(fig)
+
+    if c.cell["prune"] == BASELINE_PRUNE:
+        base_maps, status = maps, "ok: baseline cell (agreement with itself)"
+    else:
+        base, status = baseline_model(c, tr)
+        base_maps = None
+        if base is not None:
+            _, base_layer = target_layer(base, path, c.input_size)
+            base_maps, _ = gradcam(base, x, base_layer, labels)
+    tr.set_tags({tracking.TAG_CAM_AGREEMENT_STATUS: status})
+    if base_maps is None:
+        log.warning("explain/cam_agreement %s", status)
+        return {}
+    iou, r = agreement(maps, base_maps)
+    metrics = {tracking.CAM_AGREEMENT: iou, tracking.CAM_PEARSON: r}
+    tr.log_metrics(metrics)
+    return metrics
+
+
+def log_run_explanations(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float]:
+    """Pipeline hook: :func:`explain_run` unless ``explain.enabled=false``. A failure here does not
+    fail the trained run: it is logged as the ``explain_status`` tag and a warning."""
+    ecfg = c.cfg.get("explain")
+    if ecfg is None or not ecfg.get("enabled", True):
+        return {}
+    try:
+        return explain_run(c, net, tr)
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:500]
+        log.warning("Grad-CAM step failed: %s", detail)
+        tr.set_tags({tracking.TAG_EXPLAIN_STATUS: detail})
+        return {}
