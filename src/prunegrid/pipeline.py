@@ -203,8 +203,21 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         _log_reports(c, tr)
         from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (SEEDS.md 002)
         metrics.update(log_run_explanations(c, net, tr))
+    _write_outputs(cfg, net, metrics, c)
     _summary(c, metrics)
     return metrics
+
+
+def _write_outputs(cfg: DictConfig, net: nn.Module, metrics: dict[str, float], c: Cell) -> None:
+    """The final model and a metrics JSON at fixed paths, for DVC's per-cell ``outs`` and ``metrics``."""
+    if cfg.paths.get("model_out"):
+        measure.save_model(net, cfg.paths.model_out)
+    if cfg.paths.get("metrics_out"):
+        import json
+
+        out = Path(cfg.paths.metrics_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"run_id": c.tracker.run_id, **c.cell, **metrics}, indent=1, sort_keys=True))
 
 
 def _summary(c: Cell, m: dict[str, float]) -> None:

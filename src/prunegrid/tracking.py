@@ -36,6 +36,14 @@ ARTIFACT_GRADCAM = "gradcam.png"
 REQUIRED_METRICS = EPOCH_METRICS + TEST_METRICS + MODEL_METRICS + TIME_METRICS
 PER_CLASS_KINDS = ("f1", "precision", "recall")
 BASELINE_PREFIX = "baseline/"
+CELL_TAGS = TAGS[:5]
+# The grid's columns (CONTRACT.md "The grid") -> the metric each one reads.
+GRID_METRICS = {"acc": "test/acc", "f1_macro": "test/f1_macro", "params": "model/params",
+                "params_nonzero": "model/params_nonzero", "flops": "model/flops", "size_mb": "model/size_mb",
+                "train_s": "time/train_s", "epoch_s": "time/epoch_s", "infer_ms": "time/infer_ms",
+                "infer_peak_mb": "memory/infer_peak_mb", "train_peak_mb": "memory/train_peak_mb"}
+GRID_OPTIONAL_METRICS = {"infer_ms_onnx": "time/infer_ms_onnx", "cam_agreement": "explain/cam_agreement"}
+BASELINE_INFER_MS = BASELINE_PREFIX + "infer_ms"   # the dense backbone timed in the same process
 
 ARTIFACT_CONFIG = "config.yaml"
 ARTIFACT_CONFUSION = "confusion_matrix.png"

@@ -1,0 +1,167 @@
+"""The comparison grid's lists: what ``dvc.yaml``'s matrix stages expand over.
+
+``conf/grid.yaml`` holds the lists (``grid.backbones``, ``grid.prunes``, ``grid.datasets``,
+``grid.losses``, ``grid.seeds``) and ``grid.overrides``, Hydra overrides given to every
+cell. DVC composes that file into ``params.yaml`` (``dvc exp run -S grid.seeds=[1,2]``, with
+``[hydra]`` enabled in ``.dvc/config``); ``python -m prunegrid.grid`` writes the same file
+with the same DVC function after checking the lists, for a plain ``dvc repro``.
+
+``grid.prunes: all`` means every YAML in ``conf/prune/``, so a new method joins the grid with
+no change to ``dvc.yaml``. The resolver ``grid_prunes`` splits the methods into those that
+lighten a trained baseline (``from_baseline: true`` in their YAML; their stage depends on the
+``prune=none`` cell's model) and those that train themselves.
+
+This module stays light (no torch): Hydra imports it in every process through
+``src/hydra_plugins/prunegrid_grid.py`` so the resolver exists wherever the config resolves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from prunegrid.errors import ConfigError
+
+BASELINE = "none"
+LISTS = {"backbones": "backbone", "prunes": "prune", "datasets": "dataset", "losses": "loss"}
+KINDS = ("all", "from_baseline", "scratch")
+GRID_CONFIG = "grid"
+PARAMS_FILE = "params.yaml"
+
+
+def _conf_dir() -> Path:
+    from prunegrid.config import conf_dir
+
+    return conf_dir()
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (_conf_dir() / group).glob("*.yaml"))
+
+
+def from_baseline(method: str) -> bool:
+    """Whether ``conf/prune/<method>.yaml`` says the method lightens a trained baseline."""
+    data = yaml.safe_load((_conf_dir() / "prune" / f"{method}.yaml").read_text()) or {}
+    return bool(data.get("from_baseline", False))
+
+
+def _names(spec: Any, key: str) -> list[str]:
+    group = LISTS[key]
+    valid = _options(group)
+    if isinstance(spec, str) and spec == "all":
+        return valid
+    if isinstance(spec, str) or spec is None:
+        spec = [spec] if spec else []
+    names = [str(v) for v in spec]
+    if not names:
+        raise ConfigError(f"grid.{key} is empty; name at least one of: {', '.join(valid)} (or 'all')")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(f"grid.{key} names unknown {group} '{unknown[0]}'; valid options: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def prunes(spec: Any, kind: str = "all") -> list[str]:
+    """Methods of ``grid.prunes`` (``all`` or a list): every one, or only those (not) from a baseline."""
+    if kind not in KINDS:
+        raise ConfigError(f"grid_prunes kind '{kind}' must be one of {', '.join(KINDS)}")
+    names = _names(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec, "prunes")
+    if kind == "all":
+        return names
+    methods = [n for n in names if n != BASELINE]
+    return [n for n in methods if from_baseline(n) == (kind == "from_baseline")]
+
+
+def _register() -> None:
+    if not OmegaConf.has_resolver("grid_prunes"):
+        OmegaConf.register_new_resolver("grid_prunes", lambda spec, kind="all": OmegaConf.create(prunes(spec, kind)))
+
+
+_register()
+
+
+def check(grid: dict) -> dict:
+    """Validate the grid lists; return them. One-line :class:`ConfigError` on bad input."""
+    for key in LISTS:
+        _names(grid.get(key), key)
+    seeds = grid.get("seeds")
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError("grid.seeds is empty; give a list of integers, e.g. grid.seeds=[42]")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"grid.seeds={seeds} must be integers")
+    if not isinstance(grid.get("overrides", ""), str):
+        raise ConfigError("grid.overrides must be one string of space-separated Hydra overrides")
+    from prunegrid.config import check_overrides
+
+    check_overrides(str(grid.get("overrides") or "").split())
+    return grid
+
+
+def cells(grid: dict) -> list[dict[str, str]]:
+    """Every cell of a resolved grid (baseline cells included)."""
+    import itertools
+
+    out = []
+    prune_list = list(dict.fromkeys([BASELINE, *grid["methods"]["from_baseline"], *grid["methods"]["scratch"]]))
+    for b, p, d, lo, s in itertools.product(grid["backbones"], prune_list, grid["datasets"], grid["losses"],
+                                            grid["seeds"]):
+        out.append({"backbone": b, "prune": p, "dataset": d, "loss": lo, "seed": str(s)})
+    return out
+
+
+def compose_grid(overrides: list[str] = ()) -> dict:
+    """Compose ``conf/grid.yaml`` with overrides, resolved and checked."""
+    from hydra import compose, initialize_config_dir
+
+    from prunegrid.config import check_overrides
+
+    check_overrides(overrides)
+    with initialize_config_dir(config_dir=str(_conf_dir()), version_base=None):
+        cfg = compose(config_name=GRID_CONFIG, overrides=list(overrides))
+    if "grid" not in cfg:
+        raise ConfigError("conf/grid.yaml has no 'grid' section")
+    check(OmegaConf.to_container(cfg.grid, resolve=False))
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return data
+
+
+def write_params(overrides: list[str] = (), output: str | Path = PARAMS_FILE) -> dict:
+    """Write ``params.yaml`` exactly as ``dvc exp run`` would (DVC's own Hydra composition)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    data = compose_grid(overrides)
+    compose_and_dump(str(output), str(_conf_dir()), None, GRID_CONFIG, str(_conf_dir().parent / "src"),
+                     list(overrides))
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    from prunegrid.cli import fail
+    from prunegrid.errors import PrunegridError
+
+    parser = argparse.ArgumentParser(description="Write params.yaml (the grid lists for dvc.yaml) from conf/grid.yaml.")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.seeds=[1,2,3] +experiment=paper_grid")
+    parser.add_argument("--output", default=PARAMS_FILE)
+    args = parser.parse_args(argv)
+    try:
+        data = write_params(args.overrides, args.output)
+    except PrunegridError as exc:
+        fail(exc)
+    except Exception as exc:  # Hydra composition errors (unknown key, bad override syntax)
+        fail(ConfigError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+    grid = data["grid"]
+    n = len(cells(grid))
+    print(f"{args.output}: {n} cells = {len(grid['backbones'])} backbones x "
+          f"{1 + len(grid['methods']['from_baseline']) + len(grid['methods']['scratch'])} prunes x "
+          f"{len(grid['datasets'])} datasets x {len(grid['losses'])} losses x {len(grid['seeds'])} seeds; "
+          f"methods from the baseline model: {', '.join(grid['methods']['from_baseline']) or '-'}; "
+          f"trained from scratch: {', '.join(grid['methods']['scratch']) or '-'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

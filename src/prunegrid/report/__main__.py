@@ -1,0 +1,47 @@
+"""``python -m prunegrid.report`` / ``prunegrid-report``: write the grid under ``reports/``.
+
+    python -m prunegrid.report [--tracking-uri URI] [--experiment NAME ...] [--out reports]
+                               [--runs-from metrics] [--params params.yaml] [--ui http://127.0.0.1:5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prunegrid.cli import fail
+from prunegrid.errors import PrunegridError
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="prunegrid-report", description="Write the comparison grid (CSV, Markdown, "
+                                "JSON, plots) from the MLflow runs.")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--experiment", action="append", default=None, help="experiment name(s) to read (default: all)")
+    p.add_argument("--out", default="reports", help="output folder")
+    p.add_argument("--runs-from", default=None, help="only the run ids in this folder's per-cell metrics JSON (dvc.yaml)")
+    p.add_argument("--params", default=None, help="only the cells of this params.yaml's `grid` section")
+    p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI address for the run links ('' for bare ids)")
+    args = p.parse_args(argv)
+    try:
+        import yaml
+
+        from prunegrid.report import grid as g
+
+        ids = g.run_ids_from(args.runs_from) if args.runs_from else None
+        grid = None
+        if args.params:
+            if not Path(args.params).is_file():
+                raise g.ReportError(f"--params {args.params} not found; write it with `python -m prunegrid.grid`")
+            grid = (yaml.safe_load(Path(args.params).read_text()) or {}).get("grid")
+            if not grid:
+                raise g.ReportError(f"{args.params} has no `grid` section; write it with `python -m prunegrid.grid`")
+        table = g.build(args.tracking_uri, args.experiment, args.out, ids, grid, args.ui or None)
+    except PrunegridError as exc:
+        fail(exc)
+    print(g.console(table))
+    print(f"\nprunegrid: {len(table)} cells -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, plots)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The grid report on hand-made runs in a temporary MLflow store (known params, accuracy, latencies)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from prunegrid import tracking
+from prunegrid.report import grid as g
+from prunegrid.report.__main__ import main
+
+CONTRACT = ["backbone", "prune", "dataset", "loss", "seed", "acc", "f1_macro", "params", "params_nonzero", "flops",
+            "size_mb", "train_s", "epoch_s", "infer_ms", "infer_peak_mb", "train_peak_mb",
+            "params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "epoch_speedup", "infer_speedup"]
+
+
+def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet18", **m):
+    tags = {"backbone": backbone, "prune": prune, "dataset": "fashion_mnist", "loss": "cross_entropy",
+            "seed": str(seed)}
+    run = client.create_run(exp_id, tags=tags, run_name=tracking.run_name(tags))
+    metrics = {"test/acc": 0.9, "test/f1_macro": 0.89, "model/params": 1000, "model/params_nonzero": 1000,
+               "model/flops": 5000, "model/size_mb": 4.0, "time/train_s": 100, "time/epoch_s": 10,
+               "time/infer_ms": 2.0, "memory/infer_peak_mb": 300, "memory/train_peak_mb": 900}
+    metrics.update({k.replace("__", "/"): v for k, v in m.items()})
+    for k, v in metrics.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id, status)
+    time.sleep(0.01)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    return uri, MlflowClient(uri)
+
+
+@pytest.fixture
+def store(db, request):
+    """One experiment per test in a shared store (creating an MLflow database takes seconds)."""
+    uri, client = db
+    return uri, client, client.create_experiment(request.node.name)
+
+
+def test_relative_columns_on_known_runs(store, tmp_path):
+    uri, client, exp = store
+    log_run(client, exp, "none", **{"test__acc": 0.9, "model__params_nonzero": 1000, "model__flops": 5000,
+                                    "time__epoch_s": 10, "time__infer_ms": 2.0})
+    old = log_run(client, exp, "channel", **{"test__acc": 0.1})          # superseded by the later run
+    new = log_run(client, exp, "channel", **{"test__acc": 0.85, "model__params": 400, "model__params_nonzero": 400,
+                                             "model__flops": 2500, "time__epoch_s": 5, "time__infer_ms": 1.0,
+                                             "baseline__infer_ms": 2.5})
+    log_run(client, exp, "channel", status="FAILED", **{"test__acc": 0.0})  # failed runs never enter the grid
+    log_run(client, exp, "l1_static", **{"test__acc": 0.91, "model__params_nonzero": 250, "time__infer_ms": 2.0,
+                                         "time__epoch_s": 0, "time__infer_ms_onnx": 1.5})
+
+    table = g.build(uri, ["test_relative_columns_on_known_runs"], tmp_path / "rep", ui=None)
+    assert list(table.columns[:len(CONTRACT)]) == CONTRACT
+    assert "infer_ms_onnx" in table.columns and "cam_agreement" not in table.columns
+    assert list(table["prune"]) == ["none", "channel", "l1_static"]
+    ch = table[table.prune == "channel"].iloc[0]
+    assert ch["run_id"] == new != old
+    assert ch["params_reduction_pct"] == pytest.approx(60.0)
+    assert ch["flops_reduction_pct"] == pytest.approx(50.0)
+    assert ch["acc_delta_pt"] == pytest.approx(-5.0)
+    assert ch["epoch_speedup"] == pytest.approx(2.0)
+    assert ch["infer_speedup"] == pytest.approx(2.5)     # same-process baseline timing wins
+    l1 = table[table.prune == "l1_static"].iloc[0]
+    assert l1["params_reduction_pct"] == pytest.approx(75.0)
+    assert l1["flops_reduction_pct"] == pytest.approx(0.0)
+    assert l1["acc_delta_pt"] == pytest.approx(1.0)
+    assert pd.isna(l1["epoch_speedup"])                  # no training epochs: no speed-up to report
+    assert l1["infer_speedup"] == pytest.approx(1.0)     # falls back to the none cell's latency
+    none = table[table.prune == "none"].iloc[0]
+    assert none["params_reduction_pct"] == 0 and none["acc_delta_pt"] == 0
+
+    out = tmp_path / "rep"
+    csv = pd.read_csv(out / "grid.csv")
+    assert len(csv) == 3 and list(csv.columns[:len(CONTRACT)]) == CONTRACT
+    data = json.loads((out / "grid.json").read_text())
+    assert data["cells"]["resnet18-channel-fashion_mnist-cross_entropy-s42"]["acc_delta_pt"] == pytest.approx(-5.0)
+    assert "mean" not in data
+    md = (out / "grid.md").read_text()
+    assert new in md and md.count("\n| resnet18 |") == 3
+    for png in ("acc_vs_params.png", "acc_vs_latency.png", "relative.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_seed_mean_and_spread(store, tmp_path):
+    uri, client, exp = store
+    for seed, acc in ((1, 0.80), (2, 0.90)):
+        log_run(client, exp, "none", seed=seed, **{"test__acc": acc})
+        log_run(client, exp, "channel", seed=seed, **{"test__acc": acc - 0.1 * seed, "model__params_nonzero": 500})
+    g.build(uri, ["test_seed_mean_and_spread"], tmp_path / "rep", ui="http://localhost:5000")
+    data = json.loads((tmp_path / "rep" / "grid.json").read_text())
+    m = data["mean"]["resnet18-channel-fashion_mnist-cross_entropy"]
+    assert m["n_seeds"] == 2
+    assert m["acc_mean"] == pytest.approx(0.7)           # 0.8 - 0.1 and 0.9 - 0.2
+    assert m["acc_delta_pt_mean"] == pytest.approx(-15.0)
+    assert m["acc_delta_pt_std"] == pytest.approx(7.0710678, rel=1e-5)
+    md = (tmp_path / "rep" / "grid.md").read_text()
+    assert "Mean ± std over seeds" in md and "http://localhost:5000/#/experiments/" in md
+
+
+def test_select_by_run_ids_and_grid(store, tmp_path):
+    uri, client, exp = store
+    a = log_run(client, exp, "none")
+    b = log_run(client, exp, "channel")
+    log_run(client, exp, "channel", backbone="vgg19")
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for i, rid in enumerate((a, b)):
+        (metrics / f"{i}.json").write_text(json.dumps({"run_id": rid}))
+    exps = ["test_select_by_run_ids_and_grid"]
+    table = g.build(uri, exps, tmp_path / "rep", run_ids=g.run_ids_from(metrics))
+    assert set(table["run_id"]) == {a, b}
+    grid = {"backbones": ["resnet18"], "datasets": ["fashion_mnist"], "losses": ["cross_entropy"], "seeds": [42],
+            "methods": {"from_baseline": [], "scratch": []}}
+    assert list(g.build(uri, exps, tmp_path / "rep2", grid=grid)["prune"]) == ["none"]
+
+
+def test_bad_input_is_one_line(tmp_path, store, capsys):
+    uri, client, exp = store
+    with pytest.raises(g.ReportError, match="no FINISHED runs"):
+        g.build(uri, ["test_bad_input_is_one_line"], tmp_path / "rep")
+    with pytest.raises(g.ReportError, match="no per-cell metrics JSON"):
+        g.run_ids_from(tmp_path / "nothing")
+    with pytest.raises(SystemExit) as exc:
+        main(["--tracking-uri", uri, "--out", str(tmp_path / "rep"), "--experiment", "test_bad_input_is_one_line"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.strip().count("\n") == 0 and "no FINISHED runs" in err
+
+
+def test_cli_prints_console_table(store, tmp_path, capsys):
+    uri, client, exp = store
+    log_run(client, exp, "none")
+    main(["--tracking-uri", uri, "--out", str(tmp_path / "rep"), "--experiment", "test_cli_prints_console_table"])
+    out = capsys.readouterr().out
+    assert "resnet18" in out and "1 cells" in out
