@@ -28,6 +28,13 @@ MODEL_METRICS = ("model/params", "model/params_nonzero", "model/sparsity", "mode
 TIME_METRICS = ("time/train_s", "time/epoch_s", "time/infer_ms", "time/infer_ms_batch",
                 "memory/infer_peak_mb", "memory/train_peak_mb")
 ONNX_METRICS = ("time/infer_ms_onnx",)
+ONNX_FILE = "model.onnx"                 # logged under ARTIFACT_MODEL_DIR
+TAG_ONNX_STATUS = "onnx_status"          # "ok", or the one-line reason the export/run failed
+SIZE_COMPRESSED = "model/size_mb_compressed"
+L1_CONV_SPARSITY = "l1/conv_sparsity"    # Algorithm 1 of SEEDS.md 003, final model
+L1_BN_SPARSITY = "l1/bn_sparsity"
+L1_EPOCH_CONV_SPARSITY = "l1/epoch_conv_sparsity"  # per epoch during l1_dynamic training (step = epoch)
+L1_EPOCH_BN_SPARSITY = "l1/epoch_bn_sparsity"
 EXPLAIN_METRICS = ("explain/cam_agreement", "explain/cam_pearson")
 CAM_AGREEMENT, CAM_PEARSON = EXPLAIN_METRICS
 TAG_CAM_AGREEMENT_STATUS = "cam_agreement_status"  # why cam_agreement is missing, when it is
@@ -71,6 +78,23 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+# Data-preparation runs (not grid cells) carry TAG_JOB; the GAN augmentation of SEEDS.md 000 logs these.
+TAG_JOB = "job"
+JOB_GAN = "gan_augment"
+GAN_LOSS_G, GAN_LOSS_D = "gan/loss_g", "gan/loss_d"            # per epoch (step = epoch)
+GAN_CLASSIFIER_ACC = "gan/classifier_val_acc"                   # the filter classifier on held-out real images
+GAN_IS, GAN_IS_STD = "gan/inception_score", "gan/inception_score_std"  # of the kept set
+GAN_IS_ALL, GAN_IS_REAL = "gan/inception_score_all", "gan/inception_score_real"
+GAN_KEPT, GAN_REJECTED_SHARE = "gan/kept", "gan/rejected_share"
+GAN_TRAIN_S = "gan/train_s"
+ARTIFACT_GAN_SAMPLES = "gan_samples"                            # folder of one grid PNG per class
+ARTIFACT_GAN_SUMMARY = "gan_summary.json"
+
+
+def gan_run_name(dataset: str, seed: int) -> str:
+    return f"{JOB_GAN}-{dataset}-s{seed}"
+
+
 def run_name(cell: dict[str, str]) -> str:
     return f"{cell['backbone']}-{cell['prune']}-{cell['dataset']}-{cell['loss']}-s{cell['seed']}"
 
@@ -93,8 +117,10 @@ def data_md5(path: str | Path | None) -> str:
     import yaml
 
     for candidate in [p, *p.parents]:
+        if not candidate.name:
+            break
         dvc_file = candidate.with_name(candidate.name + ".dvc")
-        if candidate.name and dvc_file.is_file():
+        if dvc_file.is_file():
             outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [])
             if outs and outs[0].get("md5"):
                 return str(outs[0]["md5"])

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up prunegrid: a virtual environment in .venv with the package and its dependencies,
+# and the default data set (Fashion-MNIST) restored under data/ as tracked by data.dvc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/python -m prunegrid.data.fetch
