@@ -234,6 +234,18 @@ class Tracker:
         return EpochLogger(self)
 
 
+def start_parent_run(uri: str | None, experiment: str, name: str, tags: dict[str, str]) -> str:
+    """A run that groups others (a sweep's trials nest under it with ``mlflow.parentRunId``)."""
+    client = MlflowClient(resolve_uri(uri))
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    return client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()}).info.run_id
+
+
+def end_parent_run(uri: str | None, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(resolve_uri(uri)).set_terminated(run_id, status)
+
+
 def load_runs(uri: str | None = None, experiments: list[str] | None = None, finished_only: bool = True):
     """Runs as a DataFrame: one row per run with ``run_id``, the CONTRACT tags and metrics."""
     import pandas as pd

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the comparison grid: restore the data (offline where possible), write params.yaml from
+# conf/grid.yaml (every method in conf/prune/ joins), `dvc repro`, and show reports/grid.md.
+#   bash scripts/grid.sh                          # the default grid (laptop CPU)
+#   bash scripts/grid.sh +experiment=paper_grid   # the papers' full grid (GPU)
+#   bash scripts/grid.sh grid.seeds=[1,2,3]       # any override of conf/grid.yaml
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+python -m prunegrid.data.fetch
+python -m prunegrid.grid "$@"
+dvc repro
+cat reports/grid.md
