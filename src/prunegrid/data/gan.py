@@ -59,7 +59,7 @@ COMPOSE_PREFIXES = ("dataset", "paths.", "tracking.")
 class GanOptions:
     """The options of ``conf/gan/*.yaml`` (see that file for their meaning)."""
 
-    out: str = "data/synthetic/fashion_mnist"
+    out: str = "prepared/synthetic/fashion_mnist"
     image_size: int = 32
     channels: Any = "auto"
     latent_dim: int = 64
