@@ -1,0 +1,211 @@
+"""``prune=channel``: structured channel pruning that leaves a physically smaller, dense model.
+
+Unstructured sparsity (SEEDS.md 003, static/dynamic L1) keeps every tensor at full size, so a
+dense runtime is neither faster nor smaller. Removing whole output channels (filters) together
+with every input channel, BatchNorm entry and residual partner that depends on them gives a
+thinner network of ordinary dense layers. The dependency bookkeeping is torch-pruning's
+DepGraph (Fang et al., CVPR 2023, "DepGraph: Towards Any Structural Pruning"); this module
+only chooses the importance criterion, the ratio and the protected classifier, and checks the
+result. Channels are ranked by the L1 / L2 norm of their weights (Li et al., ICLR 2017,
+"Pruning Filters for Efficient ConvNets"), their BatchNorm scale (Liu et al., ICCV 2017, the
+criterion of :mod:`prunegrid.pruning.slimming`) or a first-order Taylor estimate of the loss
+change (Molchanov et al., CVPR 2019), the last from gradients of a few training batches.
+``global_pruning=false`` removes the same share of every layer; ``true`` ranks all channels of
+the network together, each layer capped at ``max_layer_ratio`` so that none is emptied.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from prunegrid import measure
+from prunegrid.errors import ConfigError
+from prunegrid.pruning.base import Context, PruningMethod, check_fraction
+
+IMPORTANCES = {
+    "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(normalizer=None),  # raw |gamma|: one global threshold
+    "taylor": tp.importance.TaylorImportance,
+}
+
+
+def protected_layers(net: nn.Module) -> list[nn.Module]:
+    """The classifier's last Linear: its outputs are the classes and must all stay."""
+    head = getattr(net, "head", net)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def prunable_layers(net: nn.Module) -> dict[str, nn.Module]:
+    """Conv / Linear layers whose output channels may be removed (the classifier excluded)."""
+    keep = {id(m) for m in protected_layers(net)}
+    return {n: m for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in keep}
+
+
+def _width(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def check_ratios(net: nn.Module, ratio: float, max_layer_ratio: float, key: str = "ratio") -> None:
+    """Raise if ``ratio`` / ``max_layer_ratio`` could remove every channel of some layer."""
+    check_fraction(key, ratio, low_open=True)
+    check_fraction("max_layer_ratio", max_layer_ratio, low_open=True)
+    if ratio > max_layer_ratio:
+        raise ConfigError(f"prune.{key}={ratio} is above prune.max_layer_ratio={max_layer_ratio}; "
+                          f"lower the ratio or raise max_layer_ratio (< 1)")
+    for name, m in prunable_layers(net).items():
+        if int(_width(m) * (1 - max_layer_ratio)) < 1:
+            safe = 1 - 1 / _width(m)
+            raise ConfigError(f"prune.max_layer_ratio={max_layer_ratio} would remove every channel of {name} "
+                              f"({_width(m)} channels); set it to at most {safe:.3f}")
+
+
+def _accumulate_gradients(net: nn.Module, batches) -> None:
+    """Loss gradients of a few training batches (for Taylor importance), all parameters included."""
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    was = net.training
+    net.eval()
+    net.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for p in net.parameters():
+            p.requires_grad_(True)
+        for x, y in batches:
+            F.cross_entropy(net(x), y).backward()
+    for n, p in net.named_parameters():
+        p.requires_grad_(flags[n])
+    net.train(was)
+
+
+def prune_channels(net: nn.Module, *, importance: str, ratio: float, global_pruning: bool, max_layer_ratio: float,
+                   input_size: int, batches=()) -> nn.Module:
+    """Remove ``ratio`` of the channels of ``net`` in place (torch-pruning) and return it.
+
+    ``batches`` (``(x, y)`` pairs) give the gradients for ``importance="taylor"``. Per-layer
+    ``requires_grad`` (frozen stages) is kept; in global mode no layer loses more than
+    ``max_layer_ratio`` of its channels.
+    """
+    if importance not in IMPORTANCES:
+        raise ConfigError(f"prune.importance={importance} is unknown; use one of {', '.join(IMPORTANCES)}")
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    device = measure._device(net)
+    if importance == "taylor":
+        _accumulate_gradients(net, [(x.to(device), y.to(device)) for x, y in batches])
+    example = torch.zeros(1, 3, input_size, input_size, device=device)
+    imp = IMPORTANCES[importance]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(net, example, importance=imp, pruning_ratio=ratio,
+                                      global_pruning=global_pruning, max_pruning_ratio=max_layer_ratio,
+                                      ignored_layers=protected_layers(net))
+        check = pruner.DG.check_pruning_group
+        pruner.DG.check_pruning_group = lambda group: True  # over-full groups are capped below, not skipped whole
+        for group in pruner.step(interactive=True):
+            group = _capped(pruner, group, imp, max_layer_ratio)
+            if group is not None and check(group):
+                group.prune()
+    net.zero_grad(set_to_none=True)
+    for n, p in net.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    return net
+
+
+def _capped(pruner, group, imp, max_layer_ratio: float):
+    """The group, with its least important channels only, if it would leave a layer too thin.
+
+    torch-pruning's global ranking may select every channel of a layer whose scores are all low
+    (e.g. BatchNorm scales driven to zero by slimming) and then skips that layer altogether; this
+    prunes it down to ``1 - max_layer_ratio`` of its channels instead.
+    """
+    dep, idxs = group[0].dep, [int(i) for i in group[0].idxs]
+    layer, fn = dep.target.module, dep.handler
+    out = pruner.DG.is_out_channel_pruning_fn(fn)
+    width = pruner.DG.get_out_channels(layer) if out else pruner.DG.get_in_channels(layer)
+    if width is None:
+        return group
+    allowed = width - max(1, math.ceil(width * (1 - max_layer_ratio)))
+    if len(idxs) <= allowed:
+        return group
+    if allowed <= 0:
+        return None
+    scores = imp(pruner.DG.get_pruning_group(layer, fn, list(range(width))))
+    ranked = sorted(idxs, key=lambda i: float(scores[i])) if scores is not None else idxs
+    return pruner.DG.get_pruning_group(layer, fn, ranked[:allowed])
+
+
+class ChannelPruning(PruningMethod):
+    """Prune channels of the trained model (after_fit), then fine-tune.
+
+    Args:
+        importance: ``l1``, ``l2``, ``bn_scale`` or ``taylor`` (gradients of ``calibration_batches``
+            training batches).
+        ratio: share of channels removed, in (0, 1); 0.5 keeps half the channels of every layer.
+        global_pruning: rank channels across the whole network (false: the same share per layer).
+        max_layer_ratio: most any one layer may lose, in (0, 1) and at least ``ratio``.
+        calibration_batches: training batches for Taylor importance.
+    """
+
+    name = "channel"
+
+    def __init__(self, importance: str = "l1", ratio: float = 0.5, global_pruning: bool = False,
+                 max_layer_ratio: float = 0.9, calibration_batches: int = 4, finetune_epochs: int = 1,
+                 baseline_ckpt: str | None = None, from_baseline: bool = True):
+        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs, from_baseline=from_baseline)
+        if importance not in IMPORTANCES:
+            raise ConfigError(f"prune.importance={importance} is unknown; use one of {', '.join(IMPORTANCES)}")
+        check_fraction("ratio", ratio, low_open=True)
+        check_fraction("max_layer_ratio", max_layer_ratio, low_open=True)
+        if calibration_batches is None or calibration_batches < 1:
+            raise ConfigError(f"prune.calibration_batches={calibration_batches} must be 1 or more")
+        self.importance = importance
+        self.ratio = float(ratio)
+        self.global_pruning = bool(global_pruning)
+        self.max_layer_ratio = float(max_layer_ratio)
+        self.calibration_batches = int(calibration_batches)
+        self.before: dict[str, float] = {}
+        self.channels_before = 0
+
+    def check(self, net: nn.Module, ctx: Context) -> None:
+        check_ratios(net, self.ratio, self.max_layer_ratio)
+
+    def _batches(self, ctx: Context):
+        if self.importance != "taylor":
+            return []
+        out = []
+        for i, batch in enumerate(ctx.loader("train", shuffle=True)):
+            if i >= self.calibration_batches:
+                break
+            out.append(batch)
+        return out
+
+    def after_fit(self, net: nn.Module, ctx: Context) -> nn.Module:
+        self.before = measure.static_metrics(net, ctx.input_size)
+        self.channels_before = sum(_width(m) for m in prunable_layers(net).values())
+        prune_channels(net, importance=self.importance, ratio=self.ratio, global_pruning=self.global_pruning,
+                       max_layer_ratio=self.max_layer_ratio, input_size=ctx.input_size, batches=self._batches(ctx))
+        after = measure.static_metrics(net, ctx.input_size)
+        if after["model/params"] >= self.before["model/params"]:
+            raise ConfigError(f"prune={self.name} removed no channel of {getattr(net, 'arch', type(net).__name__)}; "
+                              "raise prune.ratio or check that the backbone has prunable layers")
+        ctx.log_metrics({f"{self.name}/acc_before_finetune": ctx.evaluate(net, "val")["acc"]})
+        return net
+
+    def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
+        after = measure.static_metrics(net, ctx.input_size)
+        widths = [_width(m) for m in prunable_layers(net).values()]
+        return {
+            f"{self.name}/ratio": self.ratio,
+            f"{self.name}/global": float(self.global_pruning),
+            f"{self.name}/params_before": self.before.get("model/params", float("nan")),
+            f"{self.name}/params_after": after["model/params"],
+            f"{self.name}/flops_before": self.before.get("model/flops", float("nan")),
+            f"{self.name}/flops_after": after["model/flops"],
+            f"{self.name}/channels_removed_share": 1 - sum(widths) / self.channels_before if self.channels_before else 0.0,
+            f"{self.name}/min_layer_width": float(min(widths)) if widths else 0.0,
+        }
