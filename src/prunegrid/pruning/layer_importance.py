@@ -62,8 +62,10 @@ class Stats:
 
 def tensor_stats(t: torch.Tensor) -> Stats:
     """Stats of all elements of ``t`` (population std, ``1/M`` as in eq. 5)."""
-    t = t.detach().double().flatten()
-    return Stats(float(t.mean()), float(t.std(correction=0)), float(t.min()), float(t.max()))
+    t = t.detach().flatten()
+    var, mean = torch.var_mean(t, correction=0)
+    lo, hi = torch.aminmax(t)
+    return Stats(float(mean), math.sqrt(float(var)), float(lo), float(hi))
 
 
 def weight_score(w: torch.Tensor) -> float:
@@ -110,14 +112,15 @@ class ActivationStats:
         nb = t.numel()
         if nb == 0:
             return
-        mb = float(t.mean())
-        m2b = float(((t - mb) ** 2).sum())
+        var, mean = torch.var_mean(t, correction=0)
+        mb, m2b = float(mean), float(var) * nb
         delta, n = mb - self.mean, self.n + nb
         self.mean += delta * nb / n
         self.m2 += m2b + delta * delta * self.n * nb / n
         self.n = n
-        self.min = min(self.min, float(t.min()))
-        self.max = max(self.max, float(t.max()))
+        lo, hi = torch.aminmax(t)
+        self.min = min(self.min, float(lo))
+        self.max = max(self.max, float(hi))
         if t.dim() >= 2:
             per = t.abs().transpose(0, 1).reshape(t.shape[1], -1)
             self._chan_sum = per.sum(1) if self._chan_sum is None else self._chan_sum + per.sum(1)
@@ -267,9 +270,9 @@ class RebuildPlan:
         return self.replaced + self.dropped
 
 
-def removable_units(net: Net, input_size: int) -> list[str]:
+def removable_units(net: Net, input_size: int, shapes: dict | None = None) -> list[str]:
     """Units after the stem that are not already identities and keep the shape (can be skipped)."""
-    shapes = unit_shapes(net, input_size)
+    shapes = shapes or unit_shapes(net, input_size)
     names = net.unit_names()
     return [n for n in names[1:] if not isinstance(net.features[names.index(n)], nn.Identity)
             and shapes[n][0] == shapes[n][1]]
@@ -287,7 +290,7 @@ def rebuild(net: Net, selected_layers: Iterable[str], input_size: int, dropout: 
     if unknown:
         raise ValueError(f"selected layers name units not in net.features: {sorted(unknown)}")
     deepest = max((names.index(u) for u in selected_units), default=0)
-    removable = set(removable_units(net, input_size))
+    removable = set(removable_units(net, input_size, shapes))
     plan = RebuildPlan(selected_units=[n for n in names if n in selected_units],
                        removable=[n for n in names if n in removable], dropped=names[deepest + 1:])
     units: list[tuple[str, nn.Module]] = []
