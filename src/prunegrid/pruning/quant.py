@@ -127,16 +127,22 @@ class QuantInt8(PruningMethod):
         self.float_acc: float | None = None
 
     def check(self, net: nn.Module, ctx: Context) -> None:
-        """Quantize an untrained copy on random inputs, so a backbone the backend cannot handle fails now."""
-        x = torch.randn(2, 3, ctx.input_size, ctx.input_size)
-        try:
-            q = quantize_net(net, [x], self.backend)
-            with torch.no_grad():
-                q(x)
-        except Exception as exc:
-            first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-            raise ConfigError(f"backbone {getattr(net, 'arch', type(net).__name__)} cannot be INT8-quantized with "
-                              f"backend {self.backend} ({type(exc).__name__}: {first}); use another prune method") from exc
+        """FX-trace ``features`` and ``head`` now: a backbone FX cannot trace fails before training.
+
+        (Ops without an INT8 kernel do not fail: they stay float and ``quant_int8/float_layers`` counts them.)
+        """
+        import torch.fx
+
+        for part in ("features", "head"):
+            try:
+                torch.fx.symbolic_trace(getattr(net, part))
+            except Exception as exc:
+                raise self._unquantizable(net, exc) from exc
+
+    def _unquantizable(self, net: nn.Module, exc: Exception) -> ConfigError:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        return ConfigError(f"backbone {getattr(net, 'arch', type(net).__name__)} cannot be INT8-quantized with backend "
+                           f"{self.backend} ({type(exc).__name__}: {first}); use another prune method")
 
     def after_fit(self, net: nn.Module, ctx: Context) -> nn.Module:
         batches = []
@@ -145,7 +151,10 @@ class QuantInt8(PruningMethod):
                 break
             batches.append(x.cpu())
         self.float_acc = ctx.evaluate(net, "val")["acc"]
-        return quantize_net(net, batches, self.backend)
+        try:
+            return quantize_net(net, batches, self.backend)
+        except Exception as exc:
+            raise self._unquantizable(net, exc) from exc
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
         return {

@@ -1,0 +1,103 @@
+"""``quant_int8``: INT8 outputs close to the float model, honest counts / FLOPs / file size, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunegrid import measure
+from prunegrid.config import build, compose
+from prunegrid.errors import ConfigError
+from prunegrid.models.net import Net
+from prunegrid.pipeline import run
+from prunegrid.pruning.quant import QuantInt8, float_layers, quantize_net, quantized_layers
+from tests.conftest import tiny
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory, fashion_dir):
+    """Real Fashion-MNIST batches at 32 px: a few training batches and one test batch."""
+    cfg = compose(tiny(tmp_path_factory.mktemp("q"), "dataset.subset=512", "dataset.batch_size=32"))
+    data = build(cfg.dataset, seed=0)
+    data.setup()
+    train = [b for _, b in zip(range(12), data.loader("train", shuffle=True))]
+    test_x = torch.cat([x for _, (x, _) in zip(range(4), data.loader("test", shuffle=False))])[:128]
+    return train, test_x
+
+
+def _net(backbone: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build(compose([f"backbone={backbone}"]).backbone, num_classes=10, input_size=32)
+
+
+def test_int8_agrees_with_float_after_tiny_training(fashion):
+    train, test_x = fashion
+    net = _net("simple_cnn")
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    for x, y in train:
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    q = quantize_net(net, [x for x, _ in train[:4]])
+    with torch.no_grad():
+        ref, out = net(test_x), q(test_x)
+    assert isinstance(q, Net) and q.arch == "simple_cnn" and q is not net
+    assert quantized_layers(q) == 5 and float_layers(q) == 0
+    assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.9
+    assert nn.functional.cosine_similarity(ref, out).mean() > 0.99
+    assert not torch.equal(ref, out)  # it really runs in INT8
+
+
+def test_resnet18_counts_flops_size_and_reload(fashion, tmp_path):
+    train, test_x = fashion
+    net = _net("resnet18").eval()
+    q = quantize_net(net, [x for x, _ in train[:2]])
+    with torch.no_grad():
+        assert nn.functional.cosine_similarity(net(test_x), q(test_x)).mean() > 0.99
+    bn_scales = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert measure.count_params(q) == measure.count_params(net) - bn_scales  # BN folded: its shift is the conv bias
+    assert measure.flops(q, 32) == measure.flops(net, 32) > 0
+    f_path, q_path = measure.save_model(net, tmp_path / "f.pt"), measure.save_model(q, tmp_path / "q.pt")
+    assert measure.file_size_mb(q_path) < 0.3 * measure.file_size_mb(f_path)
+    loaded = measure.load_model(q_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(test_x[:8]), q(test_x[:8]))
+
+
+def test_float_counts_unchanged_and_shared_layers_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert measure.count_params(model) == 20
+    conv = nn.Conv2d(3, 8, 3)
+    assert measure.count_params(conv) == 8 * 27 + 8
+    assert measure.flops(conv, 5) == 2 * 8 * 27 * 9
+
+
+class _Untraceable(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x  # data-dependent control flow: FX cannot trace it
+
+
+@pytest.mark.parametrize("kwargs", [{"backend": "tpu"}, {"finetune_epochs": 1}, {"calibration_batches": 0}])
+def test_bad_options(kwargs):
+    with pytest.raises(ConfigError, match="prune"):
+        QuantInt8(**kwargs)
+
+
+def test_untraceable_backbone_fails_before_training():
+    net = _net("simple_cnn")
+    net.features.add_module("odd", _Untraceable())
+    with pytest.raises(ConfigError, match="cannot be INT8-quantized"):
+        QuantInt8().check(net, None)
+
+
+def test_end_to_end(tmp_path, fashion_dir):
+    m = run(compose(tiny(tmp_path, "prune=quant_int8", "backbone=simple_cnn", "prune.calibration_batches=2")))
+    assert m["quant_int8/quantized_layers"] == 5 and m["quant_int8/float_layers"] == 0
+    assert m["model/flops"] == m["baseline/flops"]
+    assert 0 < m["model/params"] <= m["baseline/params"]
+    assert abs(m["quant_int8/val_acc_int8"] - m["quant_int8/val_acc_float"]) <= 0.1
+    assert 0 <= m["test/acc"] <= 1
