@@ -99,7 +99,7 @@ def explain_images(run_id: str, images: list[str], out: str | None = None, track
     preds = probs.argmax(1).tolist()
     fig = figure(display_images(x, normalize), maps, [Path(p).name[:28] for p in images],
                  [f"pred: {classes[k]} ({probs[i, k]:.2f})" for i, k in enumerate(preds)],
-                 suptitle=f"run {run.info.run_name or run_id}: Grad-CAM of the predicted class at {name}")
+                 suptitle=f"run {run.info.run_name or run_id}\nGrad-CAM of the predicted class at {name}")
     out_path = Path(out or f"gradcam_{run_id[:8]}.png")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=120)

@@ -245,7 +245,7 @@ def explain_run(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float
     classes = list(c.data.classes)
     rgb = display_images(x, bool(getattr(c.data, "normalize", True)))
     fig = figure(rgb, maps, [f"true: {classes[y]}" for y in labels], [f"pred: {classes[p]}" for p in preds],
-                 suptitle=f"{tracking.run_name(c.cell)}: Grad-CAM of the true class at {name}",
+                 suptitle=f"{tracking.run_name(c.cell)}\nGrad-CAM of the true class at {name}",
                  colors=["green" if p == y else "red" for p, y in zip(preds, labels)])
     tr.log_figure(fig, tracking.ARTIFACT_GRADCAM)
     from prunegrid.plots import close
