@@ -115,3 +115,10 @@ def test_export_failure_is_recorded_not_fatal(store, fashion_dir, monkeypatch):
     assert tracking.ONNX_METRICS[0] not in m and tracking.ONNX_METRICS[0] not in r.data.metrics
     assert r.data.tags[tracking.TAG_ONNX_STATUS] == ("RuntimeError: Exporting the operator 'quantized::conv2d' "
                                                      "to ONNX opset version 17 is not supported")
+
+
+def test_compressed_size_of_quantized_state_dict():
+    """Quantized layers put non-tensors (dtypes) in their state dict; the size must still be measured."""
+    q = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(64, 64)), {nn.Linear}, dtype=torch.qint8)
+    assert any(not torch.is_tensor(v) for v in q.state_dict().values())
+    assert 0 < measure.compressed_size_mb(q) < measure.compressed_size_mb(nn.Sequential(nn.Linear(64, 64)))

@@ -224,7 +224,7 @@ def compressed_size_mb(model: nn.Module) -> float:
     import zlib
 
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}, buf)
     return len(zlib.compress(buf.getvalue(), 6)) / 1e6
 
 
