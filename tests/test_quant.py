@@ -62,9 +62,10 @@ def test_resnet18_counts_flops_size_and_reload(fashion, tmp_path):
     assert measure.flops(q, 32) == measure.flops(net, 32) > 0
     f_path, q_path = measure.save_model(net, tmp_path / "f.pt"), measure.save_model(q, tmp_path / "q.pt")
     assert measure.file_size_mb(q_path) < 0.3 * measure.file_size_mb(f_path)
-    loaded = measure.load_model(q_path)
+    loaded = measure.load_model(q_path)  # runs as TorchScript; counted and timed the same way
     with torch.no_grad():
         assert torch.allclose(loaded(test_x[:8]), q(test_x[:8]))
+    assert measure.static_metrics(loaded, 32) == measure.static_metrics(q, 32)
 
 
 def test_float_counts_unchanged_and_shared_layers_once():

@@ -35,6 +35,8 @@ def weight_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
             yield w().dequantize()
             if m.bias() is not None:
                 yield m.bias()
+        elif isinstance(m, torch.jit.ScriptModule) and hasattr(m, "_weight_bias"):  # the same, as TorchScript
+            yield from (t.dequantize() if t.is_quantized else t for t in m._weight_bias() if t is not None)
 
 
 def count_params(model: nn.Module) -> int:
