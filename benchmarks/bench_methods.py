@@ -123,11 +123,11 @@ def fmt(value, pattern) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--subset", type=int, default=6000, help="images per split (train/val share it)")
+    ap.add_argument("--subset", type=int, default=2000, help="images per split (train/val share it)")
     ap.add_argument("--epochs", type=int, default=2, help="training epochs of every cell (dynamic needs >= 2)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--rounds", type=int, default=5, help="round-robin re-timing rounds")
-    ap.add_argument("--budget-min", type=float, default=10.0, help="skip the variant rows once this much has run")
+    ap.add_argument("--budget-min", type=float, default=9.0, help="skip the variant rows once this much has run")
     ap.add_argument("--methods", nargs="*", default=None, help="default: every YAML in conf/prune/ + variants")
     ap.add_argument("--no-variants", action="store_true", help="skip the extra l1_static_literal row")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 batches per cell, short latency")
