@@ -50,7 +50,7 @@ class NetworkSlimming(ChannelPruning):
 
     name = "slimming"
 
-    def __init__(self, sparsity_lambda: float = 1e-4, ratio: float = 0.5, max_layer_ratio: float = 0.9,
+    def __init__(self, sparsity_lambda: float = 1e-3, ratio: float = 0.5, max_layer_ratio: float = 0.9,
                  finetune_epochs: int = 1, baseline_ckpt: str | None = None, from_baseline: bool = False):
         if sparsity_lambda is None or sparsity_lambda < 0:
             raise ConfigError(f"prune.sparsity_lambda={sparsity_lambda} must be 0 or more")
