@@ -27,6 +27,7 @@ from torch import nn
 from prunegrid.errors import ConfigError
 from prunegrid.pruning.base import Context, PruningMethod
 
+
 def quantize_module(module: nn.Module, batches, backend: str = "x86") -> nn.Module:
     """Static INT8 quantization of ``module`` (FX graph mode), calibrated on ``batches`` of inputs."""
     from torch.ao.quantization import get_default_qconfig_mapping
