@@ -34,6 +34,16 @@ from prunegrid.pruning.layer_importance import (
 from tests.conftest import tiny
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine, 2 threads contending with other jobs run
+    these small forwards 10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def conv1x1(cin: int, cout: int, weight: list[list[float]] | None = None) -> nn.Conv2d:
     conv = nn.Conv2d(cin, cout, 1, bias=False)
     with torch.no_grad():
