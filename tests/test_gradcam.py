@@ -127,6 +127,13 @@ def test_disabled_explain_does_nothing():
     assert log_run_explanations(c, None, None) == {}
 
 
+def test_model_without_float_weights_is_skipped_with_a_reason():
+    tags: dict = {}
+    c = SimpleNamespace(cfg=compose([]))
+    assert log_run_explanations(c, nn.Sequential(nn.Flatten()), SimpleNamespace(set_tags=tags.update)) == {}
+    assert "no float parameters" in tags[tracking.TAG_EXPLAIN_STATUS]
+
+
 def test_classes_from_report():
     text = ("              precision    recall  f1-score   support\n\n"
             " T-shirt/top     0.5000    1.0000    0.6667         1\n"

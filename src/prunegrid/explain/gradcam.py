@@ -236,6 +236,8 @@ def baseline_model(c: Any, tr: tracking.Tracker) -> tuple[nn.Module | None, str]
 def explain_run(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float]:
     """Draw ``gradcam.png`` for the run's fixed test images and log the agreement metrics."""
     ecfg = c.cfg.explain
+    if not any(p.is_floating_point() for p in net.parameters()):
+        raise ConfigError("Grad-CAM needs a float model with gradients; this model has no float parameters (int8?)")
     x, labels, _ = fixed_images(c.data, int(ecfg.get("n_images", 8)), int(ecfg.get("seed", 0)))
     path = ecfg.get("target_layer")
     name, layer = target_layer(net, path, c.input_size)
