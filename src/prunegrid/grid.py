@@ -35,9 +35,11 @@ PARAMS_FILE = "params.yaml"
 
 
 def _conf_dir() -> Path:
+    """``./conf`` when it holds ``grid.yaml`` (the project DVC runs in, as DVC's ``config_dir``), else the package's."""
     from prunegrid.config import conf_dir
 
-    return conf_dir()
+    local = Path.cwd() / "conf"
+    return local if (local / f"{GRID_CONFIG}.yaml").is_file() else conf_dir()
 
 
 def _options(group: str) -> list[str]:
