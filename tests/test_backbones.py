@@ -24,7 +24,7 @@ def make(option: str, input_size: int | None = None, num_classes: int = 3, **ove
 def test_forward_and_one_training_step_at_smallest_input(option):
     torch.manual_seed(0)
     net, size = make(option)
-    assert isinstance(net, Net) and net.unit_names()[0] == "stem" or net.arch == "simple_cnn"
+    assert isinstance(net, Net) and len(net.unit_names()) >= 2
     x, y = torch.randn(2, 3, size, size), torch.tensor([0, 2])
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01)
     net.train()
