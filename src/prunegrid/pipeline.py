@@ -247,16 +247,7 @@ def _evaluate_and_measure(c: Cell, net: nn.Module, baseline_net: nn.Module) -> d
     speed = dict(batch_size=mcfg.batch_size, warmup=mcfg.warmup, repeats=mcfg.repeats, threads=mcfg.threads)
     m.update(measure.speed_metrics(net, c.input_size, **speed))
     m[tracking.SIZE_COMPRESSED] = measure.compressed_size_mb(net)
-    try:  # documented fallback: a model ONNX cannot export/run (e.g. eager INT8) records why, not a crash
-        onnx_path = measure.export_onnx(net, c.input_size, c.tracker.artifact_dir / tracking.ONNX_FILE)
-        m[tracking.ONNX_METRICS[0]] = measure.onnx_latency_ms(onnx_path, c.input_size, warmup=mcfg.warmup,
-                                                              repeats=mcfg.repeats, threads=mcfg.threads)
-        c.tracker.log_artifact(onnx_path, tracking.ARTIFACT_MODEL_DIR)
-        c.tracker.set_tags({tracking.TAG_ONNX_STATUS: "ok"})
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:500]
-        log.warning("ONNX export/latency skipped: %s", reason)
-        c.tracker.set_tags({tracking.TAG_ONNX_STATUS: reason})
+    m.update(_onnx_metrics(c, net))
     base_static = measure.static_metrics(baseline_net, c.input_size)
     base_speed = measure.speed_metrics(baseline_net, c.input_size, **speed)
     m.update({tracking.BASELINE_PREFIX + k.split("/", 1)[1]: v for k, v in {**base_static, **base_speed}.items()
@@ -267,6 +258,24 @@ def _evaluate_and_measure(c: Cell, net: nn.Module, baseline_net: nn.Module) -> d
     m["time/epoch_s"] = sum(last.epoch_times) / len(last.epoch_times) if last.epoch_times else 0.0
     m["memory/train_peak_mb"] = max((f.peak_mb for f in c.fits), default=0.0)
     return m
+
+
+def _onnx_metrics(c: Cell, net: nn.Module) -> dict[str, float]:
+    """Export to ONNX and time it in ONNX Runtime; a model that cannot be exported (e.g. INT8)
+    records why in the ``onnx_status`` tag instead of failing the run (documented fallback)."""
+    mcfg = c.cfg.measure
+    try:
+        onnx_path = measure.export_onnx(net, c.input_size, c.tracker.artifact_dir / tracking.ONNX_FILE)
+        ms = measure.onnx_latency_ms(onnx_path, c.input_size, warmup=mcfg.warmup, repeats=mcfg.repeats,
+                                     threads=mcfg.threads)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:500]
+        log.warning("ONNX export/latency skipped: %s", reason)
+        c.tracker.set_tags({tracking.TAG_ONNX_STATUS: reason})
+        return {}
+    c.tracker.log_artifact(onnx_path, tracking.ARTIFACT_MODEL_DIR)
+    c.tracker.set_tags({tracking.TAG_ONNX_STATUS: "ok"})
+    return {tracking.ONNX_METRICS[0]: ms}
 
 
 def _log_reports(c: Cell, tr: tracking.Tracker) -> None:
