@@ -63,6 +63,7 @@ def train(root: Path, out: Path, uri: str, epochs: int, seed: int, synthetic: Pa
         "backbone=resnet18", f"seed={seed}", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
         f"tracking.uri={uri}", "tracking.experiment=bench_gan", f"paths.output_dir={out}",
         "measure.warmup=2", "measure.repeats=5",
+        "trainer.callbacks.early_stopping=null", "explain.enabled=false",  # same epochs for both runs
     ])
     t0 = time.perf_counter()
     m = pipeline.run(cfg)
