@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from prunegrid.config import compose, options
+from prunegrid.config import options
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-
-
 
 
 @pytest.fixture(scope="session")
@@ -46,15 +43,6 @@ def tiny(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture
-def tiny_cfg(tmp_path, fashion_dir):
-    """``tiny_cfg("backbone=resnet34", ...)`` composes a tiny cell config."""
-
-    def make(*overrides: str):
-        return compose(tiny(tmp_path, *overrides))
-
-    return make
-
 
 @pytest.fixture(scope="session")
 def image_tree(tmp_path_factory, fashion_dir) -> Path:
@@ -77,16 +65,8 @@ def image_tree(tmp_path_factory, fashion_dir) -> Path:
     return root
 
 
-def group_options(group: str) -> list[str]:
-    return options(group)
-
-
 def all_group_params():
     from prunegrid.config import GROUPS
 
     return [(g, o) for g in GROUPS for o in options(g)]
 
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
