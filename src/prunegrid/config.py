@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import prunegrid.grid  # noqa: F401  (registers the config resolvers, e.g. reference_name)
 from prunegrid.errors import ConfigError, PrunegridError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

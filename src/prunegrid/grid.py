@@ -7,12 +7,17 @@ cell. DVC composes that file into ``params.yaml`` (``dvc exp run -S grid.seeds=[
 with the same DVC function after checking the lists, for a plain ``dvc repro``.
 
 ``grid.prunes: all`` means every YAML in ``conf/prune/``, so a new method joins the grid with
-no change to ``dvc.yaml``. The resolver ``grid_prunes`` splits the methods into those that
-lighten a trained baseline (``from_baseline: true`` in their YAML; their stage depends on the
-``prune=none`` cell's model) and those that train themselves.
+no change to ``dvc.yaml``. The resolver ``grid_prunes`` splits the methods by what their class
+declares (``PruningMethod.from_baseline``): those that lighten a trained baseline (their stage
+loads the ``prune=none`` cell's model) and those that train from scratch (their stage trains as
+many epochs as that baseline did, read from its model). ``grid_references`` lists the
+equal-budget reference cells the grid must train: ``prune=none`` fine-tuned for each distinct
+``finetune_epochs`` of the methods (``none_ft1``, ...), so every method's accuracy is compared
+with a model trained for the same total epochs.
 
-This module stays light (no torch): Hydra imports it in every process through
-``src/hydra_plugins/prunegrid_grid.py`` so the resolver exists wherever the config resolves.
+This module imports no torch at import time: Hydra imports it in every process through
+``src/hydra_plugins/prunegrid_grid.py`` so the resolvers exist wherever the config resolves.
+Reading a method's class (to learn ``from_baseline``) imports that class, on demand.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from prunegrid.budget import BASELINE, reference_name
 from prunegrid.errors import ConfigError
 
-BASELINE = "none"
 LISTS = {"backbones": "backbone", "prunes": "prune", "datasets": "dataset", "losses": "loss"}
 KINDS = ("all", "from_baseline", "scratch")
 GRID_CONFIG = "grid"
@@ -46,10 +51,34 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (_conf_dir() / group).glob("*.yaml"))
 
 
+def _method_yaml(method: str) -> dict:
+    return yaml.safe_load((_conf_dir() / "prune" / f"{method}.yaml").read_text()) or {}
+
+
+def method_class(method: str) -> type:
+    """The class ``conf/prune/<method>.yaml`` builds (its ``_target_``)."""
+    from hydra.utils import get_class
+
+    target = _method_yaml(method).get("_target_")
+    if not target:
+        raise ConfigError(f"conf/prune/{method}.yaml has no _target_")
+    return get_class(target)
+
+
 def from_baseline(method: str) -> bool:
-    """Whether ``conf/prune/<method>.yaml`` says the method lightens a trained baseline."""
-    data = yaml.safe_load((_conf_dir() / "prune" / f"{method}.yaml").read_text()) or {}
-    return bool(data.get("from_baseline", False))
+    """Whether the method's class declares that it lightens a trained baseline."""
+    return bool(getattr(method_class(method), "from_baseline", False))
+
+
+def finetune_epochs(method: str) -> int:
+    """The method's ``finetune_epochs``: its YAML's value, else its class's default."""
+    import inspect
+
+    data = _method_yaml(method)
+    if "finetune_epochs" in data:
+        return int(data["finetune_epochs"] or 0)
+    param = inspect.signature(method_class(method)).parameters.get("finetune_epochs")
+    return int(param.default) if param is not None and param.default is not inspect.Parameter.empty else 0
 
 
 def _names(spec: Any, key: str) -> list[str]:
@@ -79,9 +108,26 @@ def prunes(spec: Any, kind: str = "all") -> list[str]:
     return [n for n in methods if from_baseline(n) == (kind == "from_baseline")]
 
 
+def references(spec: Any) -> list[dict]:
+    """The equal-budget reference cells of the methods in ``grid.prunes``: one per distinct
+    ``finetune_epochs`` > 0, as ``{"prune": "none_ft<F>", "finetune": F}``."""
+    epochs = sorted({finetune_epochs(m) for m in prunes(spec) if m != BASELINE} - {0})
+    return [{"prune": reference_name(f), "finetune": f} for f in epochs]
+
+
 def _register() -> None:
-    if not OmegaConf.has_resolver("grid_prunes"):
-        OmegaConf.register_new_resolver("grid_prunes", lambda spec, kind="all": OmegaConf.create(prunes(spec, kind)))
+    def spec_of(spec):
+        return OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+
+    resolvers = {
+        "grid_prunes": lambda spec, kind="all": OmegaConf.create(prunes(spec, kind)),
+        "grid_references": lambda spec: OmegaConf.create(references(spec_of(spec))),
+        "grid_baseline": lambda: BASELINE,
+        "reference_name": lambda epochs: reference_name(epochs),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 _register()
@@ -100,7 +146,13 @@ def check(grid: dict) -> dict:
         raise ConfigError("grid.overrides must be one string of space-separated Hydra overrides")
     from prunegrid.config import check_overrides
 
-    check_overrides(str(grid.get("overrides") or "").split())
+    overrides = str(grid.get("overrides") or "").split()
+    check_overrides(overrides)
+    fixed = [o for o in overrides if o.lstrip("+~").split("=")[0] in ("prune.finetune_epochs", "prune.baseline_ckpt",
+                                                                      "budget.match")]
+    if fixed:
+        raise ConfigError(f"grid.overrides may not set {fixed[0].split('=')[0]}: the grid derives it (equal-budget "
+                          "references); set finetune_epochs in conf/prune/<method>.yaml")
     return grid
 
 
@@ -109,7 +161,8 @@ def cells(grid: dict) -> list[dict[str, str]]:
     import itertools
 
     out = []
-    prune_list = list(dict.fromkeys([BASELINE, *grid["methods"]["from_baseline"], *grid["methods"]["scratch"]]))
+    refs = [r["prune"] for r in grid.get("references", [])]
+    prune_list = list(dict.fromkeys([BASELINE, *refs, *grid["methods"]["from_baseline"], *grid["methods"]["scratch"]]))
     for b, p, d, lo, s in itertools.product(grid["backbones"], prune_list, grid["datasets"], grid["losses"],
                                             grid["seeds"]):
         out.append({"backbone": b, "prune": p, "dataset": d, "loss": lo, "seed": str(s)})
@@ -159,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     grid = data["grid"]
     n = len(cells(grid))
     print(f"{args.output}: {n} cells = {len(grid['backbones'])} backbones x "
-          f"{1 + len(grid['methods']['from_baseline']) + len(grid['methods']['scratch'])} prunes x "
+          f"{1 + len(grid.get('references', [])) + len(grid['methods']['from_baseline']) + len(grid['methods']['scratch'])}"
+          f" prunes (references {', '.join(r['prune'] for r in grid.get('references', [])) or '-'}) x "
           f"{len(grid['datasets'])} datasets x {len(grid['losses'])} losses x {len(grid['seeds'])} seeds; "
           f"methods from the baseline model: {', '.join(grid['methods']['from_baseline']) or '-'}; "
           f"trained from scratch: {', '.join(grid['methods']['scratch']) or '-'}")

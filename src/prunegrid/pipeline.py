@@ -15,11 +15,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from prunegrid import measure, plots, tracking
+from prunegrid.budget import TAG_REF_PRUNE, Budget
 from prunegrid.config import build, cell, flatten
 from prunegrid.errors import ConfigError
 from prunegrid.models.module import Classifier
@@ -52,12 +53,40 @@ class EpochTimer(Callback):
         self._stop()
 
 
+class BudgetCounter(Callback):
+    """Training epochs completed and images seen in one fit (what ``budget/*`` adds up)."""
+
+    def __init__(self):
+        self.epochs = 0
+        self.images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += len(batch[1])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs += 1
+
+
+class StopAfter(Callback):
+    """End the fit after exactly ``epochs`` epochs, whatever ``max_epochs`` is: a model trained
+    for a matched budget keeps the schedule (sized by ``max_epochs``) of the model it matches."""
+
+    def __init__(self, epochs: int):
+        self.epochs = int(epochs)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
 @dataclass
 class FitStats:
     seconds: float = 0.0
     epoch_times: list[float] = field(default_factory=list)
     peak_mb: float = 0.0
     epochs: int = 0
+    images: int = 0
+    early_stopped: bool = False
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -88,29 +117,45 @@ class Cell:
         self.optimizer = build(cfg.optimizer)
         self.scheduler = build(cfg.scheduler)
         self.fits: list[FitStats] = []
+        self.budget = Budget()
         self.tracker: tracking.Tracker | None = None
         self.logger: tracking.EpochLogger | None = None
 
     # -- steps offered to methods through Context ---------------------------------------
-    def _trainer(self, epochs: int, callbacks: list, logger: Any) -> L.Trainer:
+    def _trainer(self, epochs: int, callbacks: list, logger: Any, early_stopping: bool = True) -> L.Trainer:
         cbs = [build(c) for c in (self.cfg.trainer.get("callbacks") or {}).values() if c]
+        if not early_stopping:
+            cbs = [c for c in cbs if not isinstance(c, EarlyStopping)]
         if not any(isinstance(c, ModelCheckpoint) for c in cbs):
             cbs.append(ModelCheckpoint(save_top_k=0, save_last=False))
         node = OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"])
         return build(node, max_epochs=epochs, callbacks=cbs + list(callbacks), logger=logger,
                      default_root_dir=str(self.out))
 
-    def fit(self, net: nn.Module, epochs: int, callbacks: list | tuple = ()) -> nn.Module:
-        """Train ``net`` for up to ``epochs`` with the configured trainer; return the best weights."""
+    def fit(self, net: nn.Module, epochs: int, callbacks: list | tuple = (), *, early_stopping: bool = True,
+            stop_after: int | None = None) -> nn.Module:
+        """Train ``net`` for up to ``epochs`` with the configured trainer; return the best weights
+        (checkpoint chosen on the validation split).
+
+        ``early_stopping=False`` drops the configured early stopping, so the fit runs all its
+        epochs (fine-tuning); ``stop_after=N`` ends it after exactly N epochs with the schedule
+        still sized for ``epochs`` (a budget matched to a baseline). Every fit adds its epochs,
+        images and seconds to the cell's :class:`~prunegrid.budget.Budget`.
+        """
         module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
-        timer = EpochTimer()
-        trainer = self._trainer(epochs, [timer, *callbacks], self.logger or False)
+        timer, counter = EpochTimer(), BudgetCounter()
+        extra = [StopAfter(stop_after)] if stop_after else []
+        trainer = self._trainer(epochs, [timer, counter, *extra, *callbacks], self.logger or False,
+                                early_stopping=early_stopping and not stop_after)
         t0 = time.perf_counter()
         with measure.PeakMemory() as mem:
             trainer.fit(module, datamodule=self.data)
+        stopped = any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks)
         stats = FitStats(time.perf_counter() - t0, timer.times,
-                         mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.peak_mb, trainer.current_epoch)
+                         mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.peak_mb, counter.epochs,
+                         counter.images, stopped)
         self.fits.append(stats)
+        self.budget.add(stats.epochs, stats.images, stats.seconds)
         if self.logger is not None:
             self.logger.next_fit(trainer.current_epoch)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -171,8 +216,59 @@ def _load_baseline(path: str, net: nn.Module, num_classes: int) -> nn.Module:
     return base
 
 
+def _matched_epochs(path: str | None) -> tuple[int, int] | None:
+    """``budget.match``: the training epochs (and convergence flag) recorded in a baseline model."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"budget.match={path} does not exist; give the model.pt of the trained prune=none cell")
+    budget = Budget.from_dict(getattr(measure.load_model(p), "train_budget", None))
+    if budget.epochs < 1:
+        raise ConfigError(f"budget.match={path} records no training epochs; re-train that baseline")
+    return budget.epochs, budget.converged
+
+
+def train_or_load(c: Cell, ctx: Context, start_net: nn.Module | None) -> nn.Module:
+    """Step 1 of every cell: load the trained baseline, train it, or let the method shape training.
+
+    A method that lightens a trained baseline (``from_baseline``) gets a plain baseline: the
+    loaded ``baseline_ckpt`` (its budget carried over) or one trained here. A method that shapes
+    training from scratch trains with its hooks, for exactly the baseline's epochs when
+    ``budget.match`` names the baseline's model (equal budgets), else under the trainer's settings.
+    """
+    cfg = c.cfg
+    if start_net is not None:
+        c.budget = Budget.from_dict(getattr(start_net, "train_budget", None))
+        if c.budget.epochs < 1:
+            log.warning("prune.baseline_ckpt records no training budget (saved by an older prunegrid); "
+                        "budget/epochs counts this cell's training only")
+        return start_net
+    epochs = int(cfg.trainer.max_epochs)
+    if c.method.from_baseline:
+        net = c.fit(c.net, epochs)
+        c.budget.converged = int(c.fits[-1].early_stopped)
+        return net
+    matched = _matched_epochs(cfg.get("budget", {}).get("match"))
+    net = c.method.before_fit(c.net, ctx)
+    if matched is None:
+        net = c.fit(net, epochs, c.method.callbacks(ctx))
+        c.budget.converged = int(c.fits[-1].early_stopped)
+        return net
+    if matched[0] > epochs:
+        raise ConfigError(f"budget.match asks for {matched[0]} epochs, more than trainer.max_epochs={epochs}")
+    net = c.fit(net, epochs, c.method.callbacks(ctx), stop_after=matched[0])
+    c.budget.converged = matched[1]
+    return net
+
+
 def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
-    """Train, lighten, measure and track one cell; return its metrics."""
+    """Train, lighten, measure and track one cell; return its metrics.
+
+    One sequence for every method: train or load the baseline (:func:`train_or_load`), apply
+    the method (``after_fit``), fine-tune for exactly ``finetune_epochs``, then read the
+    validation split once more and the test split once.
+    """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     c = Cell(cfg)
     baseline_net = copy.deepcopy(c.net)
@@ -180,7 +276,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     start_net = _load_baseline(c.method.baseline_ckpt, c.net, c.num_classes) if c.method.baseline_ckpt else None
 
     tags = {**c.cell, "git_commit": tracking.git_commit(Path(__file__).parent),
-            "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running"}
+            "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running",
+            TAG_REF_PRUNE: c.method.reference}
     exp = cfg.tracking.get("experiment") or c.cell["dataset"]
     c.tracker = tracking.Tracker(cfg.tracking.get("uri"), exp, tracking.run_name(c.cell), tags)
     with c.tracker.run(flatten(cfg), parent_run_id=parent_run_id) as tr:
@@ -190,14 +287,13 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         if c.data.splits.bad_images:
             tr.log_metrics({"data/bad_images_skipped": c.data.splits.bad_images})
 
-        net = start_net if start_net is not None else c.method.before_fit(c.net, ctx)
-        if start_net is None:
-            net = c.fit(net, int(cfg.trainer.max_epochs), c.method.callbacks(ctx))
+        net = train_or_load(c, ctx, start_net)
         net = c.method.after_fit(net, ctx)
         if c.method.finetune_epochs:
-            net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx))
+            net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx), early_stopping=False)
 
-        metrics = _evaluate_and_measure(c, net, baseline_net)
+        metrics = {f"val/final_{k}": v for k, v in c.evaluate(net, "val").items()}
+        metrics.update(_evaluate_and_measure(c, net, baseline_net))
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)
         _log_reports(c, tr)
@@ -212,6 +308,10 @@ def _write_outputs(cfg: DictConfig, net: nn.Module, metrics: dict[str, float], c
     """The final model and a metrics JSON at fixed paths, for DVC's per-cell ``outs`` and ``metrics``."""
     if cfg.paths.get("model_out"):
         measure.save_model(net, cfg.paths.model_out)
+    if cfg.paths.get("weights_out"):
+        out = Path(cfg.paths.weights_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), out)
     if cfg.paths.get("metrics_out"):
         import json
 
@@ -239,6 +339,7 @@ def _evaluate_and_measure(c: Cell, net: nn.Module, baseline_net: nn.Module) -> d
             m[tracking.class_key(kind, name)] = float(value)
 
     mcfg = c.cfg.measure
+    net.train_budget = c.budget.as_dict()
     path = measure.save_model(net, c.tracker.artifact_dir / tracking.MODEL_FILE)
     c.tracker.log_artifact(path, tracking.ARTIFACT_MODEL_DIR)
     c.model_path = path
@@ -257,6 +358,7 @@ def _evaluate_and_measure(c: Cell, net: nn.Module, baseline_net: nn.Module) -> d
     m["time/train_s"] = sum(f.seconds for f in c.fits)
     m["time/epoch_s"] = sum(last.epoch_times) / len(last.epoch_times) if last.epoch_times else 0.0
     m["memory/train_peak_mb"] = max((f.peak_mb for f in c.fits), default=0.0)
+    m.update(c.budget.metrics())
     return m
 
 

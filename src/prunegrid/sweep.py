@@ -5,7 +5,9 @@ is composed with :func:`prunegrid.config.compose` from the preset's ``overrides`
 command-line overrides and the sampled values, and run with :func:`prunegrid.pipeline.run`.
 
 A preset is ``conf/sweep/<name>.yaml`` or a YAML path (see ``conf/sweep/l1.yaml``): study name, ``objectives``
-(metric keys of a run with ``maximize``/``minimize``; two or more make a multi-objective study),
+(metric keys of a run with ``maximize``/``minimize``; two or more make a multi-objective study;
+accuracy objectives read the validation split, ``val/final_acc``: a ``test/`` objective is
+refused, since the test split is read once per run, never to choose),
 ``n_trials`` (the number of COMPLETE trials wanted), ``space`` (``float``/``int`` with
 ``low``/``high``/``log``/``step``, or ``categorical`` with ``choices``), ``storage`` (any Optuna
 database URL, default ``sqlite:///optuna.db``), ``sampler`` and ``pruner`` (``_target_`` nodes).
@@ -41,7 +43,7 @@ from prunegrid.errors import ConfigError
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DIRECTIONS = ("maximize", "minimize")
 TYPES = ("float", "int", "categorical")
-OBJECTIVE_KEYS = (tracking.TEST_METRICS + tracking.MODEL_METRICS + tracking.TIME_METRICS + tracking.ONNX_METRICS
+OBJECTIVE_KEYS = (tracking.VAL_FINAL_METRICS + tracking.MODEL_METRICS + tracking.TIME_METRICS + tracking.ONNX_METRICS
                   + tracking.EXPLAIN_METRICS)
 PRUNING_MONITOR = "val/acc"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -100,8 +102,11 @@ def check_preset(p: DictConfig) -> None:
         raise ConfigError("sweep preset needs study_name")
     objectives = p.get("objectives") or {}
     if not objectives:
-        raise ConfigError("sweep preset needs objectives, e.g. {test/acc: maximize}")
+        raise ConfigError("sweep preset needs objectives, e.g. {val/final_acc: maximize}")
     for key, direction in objectives.items():
+        if str(key).startswith("test/"):
+            raise ConfigError(f"sweep objective '{key}' reads the test split; choose hyperparameters on the "
+                              f"validation split (e.g. {tracking.VAL_FINAL_METRICS[0]}); test/* is read once per run")
         if key not in OBJECTIVE_KEYS:
             raise ConfigError(f"sweep objective '{key}' is not a run metric; use one of {', '.join(OBJECTIVE_KEYS)}")
         if direction not in DIRECTIONS:

@@ -24,6 +24,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 TAGS = ("backbone", "prune", "dataset", "loss", "seed", "git_commit", "data_md5", "status_detail")
 EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 TEST_METRICS = ("test/acc", "test/f1_macro", "test/loss")
+VAL_FINAL_METRICS = ("val/final_acc", "val/final_loss")  # the final model on the validation split (sweeps choose on these)
 MODEL_METRICS = ("model/params", "model/params_nonzero", "model/sparsity", "model/flops", "model/size_mb")
 TIME_METRICS = ("time/train_s", "time/epoch_s", "time/infer_ms", "time/infer_ms_batch",
                 "memory/infer_peak_mb", "memory/train_peak_mb")
@@ -35,6 +36,8 @@ L1_CONV_SPARSITY = "l1/conv_sparsity"    # Algorithm 1 of SEEDS.md 003, final mo
 L1_BN_SPARSITY = "l1/bn_sparsity"
 L1_EPOCH_CONV_SPARSITY = "l1/epoch_conv_sparsity"  # per epoch during l1_dynamic training (step = epoch)
 L1_EPOCH_BN_SPARSITY = "l1/epoch_bn_sparsity"
+L1_PRUNE_CONV_SPARSITY = "l1/prune_conv_sparsity"  # right after each epoch's pruning (schedule=paper)
+L1_PRUNE_BN_SPARSITY = "l1/prune_bn_sparsity"
 EXPLAIN_METRICS = ("explain/cam_agreement", "explain/cam_pearson")
 CAM_AGREEMENT, CAM_PEARSON = EXPLAIN_METRICS
 TAG_CAM_AGREEMENT_STATUS = "cam_agreement_status"  # why cam_agreement is missing, when it is
@@ -50,6 +53,8 @@ GRID_METRICS = {"acc": "test/acc", "f1_macro": "test/f1_macro", "params": "model
                 "train_s": "time/train_s", "epoch_s": "time/epoch_s", "infer_ms": "time/infer_ms",
                 "infer_peak_mb": "memory/infer_peak_mb", "train_peak_mb": "memory/train_peak_mb"}
 GRID_OPTIONAL_METRICS = {"infer_ms_onnx": "time/infer_ms_onnx", "cam_agreement": "explain/cam_agreement"}
+GRID_BUDGET_METRICS = {"budget_epochs": "budget/epochs", "budget_images": "budget/images",
+                       "converged": "train/converged", "train_total_s": "time/train_total_s"}
 BASELINE_INFER_MS = BASELINE_PREFIX + "infer_ms"   # the dense backbone timed in the same process
 
 ARTIFACT_CONFIG = "config.yaml"
@@ -268,7 +273,7 @@ def _search(client: MlflowClient, exp_ids: list[str], filt: str):
         for r in page:
             row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
                    "experiment_id": r.info.experiment_id, "start_time": r.info.start_time}
-            row.update({t: r.data.tags.get(t, "") for t in TAGS})
+            row.update({t: r.data.tags.get(t, "") for t in (*TAGS, "ref_prune")})
             row.update(r.data.metrics)
             rows.append(row)
         token = page.token

@@ -25,11 +25,12 @@ from torch import nn
 from torch.utils.data import Subset
 
 from prunegrid import measure, tracking
+from prunegrid.budget import BASELINE
 from prunegrid.errors import ConfigError
 
 log = logging.getLogger("prunegrid")
 
-BASELINE_PRUNE = "none"
+BASELINE_PRUNE = BASELINE
 TOP_FRACTION = 0.2
 
 

@@ -6,17 +6,23 @@ A method is built from ``conf/prune/<name>.yaml``. The pipeline calls, in order:
 model), then fine-tunes for ``finetune_epochs`` if the method asks for it, and finally
 ``report`` (the method's own metrics; artifacts go through ``ctx.log_artifact``). Every hook
 does nothing by default, so ``none`` is a method too.
+
+Whether a method lightens a *trained* baseline is declared once, by the class attribute
+``from_baseline``; the pipeline, the grid and ``dvc.yaml`` take it from there. The pipeline is
+one sequence: train (or load) the baseline, or let the method shape training from scratch;
+apply the method (``after_fit``); fine-tune for ``finetune_epochs``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from torch import nn
 from torch.utils.data import DataLoader
 
+from prunegrid.budget import BASELINE, reference_name
 from prunegrid.errors import ConfigError
 
 
@@ -51,22 +57,33 @@ def check_fraction(name: str, value: float, low_open: bool = False) -> None:
 class PruningMethod:
     """Base class: every hook is a no-op.
 
+    Class attribute:
+        from_baseline: ``True`` when the method lightens a *trained* baseline (in ``after_fit``): the
+            pipeline trains a plain baseline first, or loads ``baseline_ckpt``, and the grid runs the
+            method in the stage that reuses the ``prune=none`` cell's model. ``False`` when the
+            method shapes training itself (``before_fit``, ``callbacks``) from scratch.
+
     Args:
         baseline_ckpt: a saved final model of the matching ``prune=none`` cell; when given,
             the main training is skipped and the method starts from that model.
-        finetune_epochs: epochs of training after ``after_fit`` (0: none).
-        from_baseline: the method lightens a *trained* baseline (after_fit); the grid then passes the
-            matching ``prune=none`` cell's model as ``baseline_ckpt`` instead of training it again.
+        finetune_epochs: epochs of training after ``after_fit`` (0: none). Fine-tuning runs exactly
+            this many epochs (no early stopping), so budgets add up.
     """
 
-    name = "none"
+    name = BASELINE
+    from_baseline: ClassVar[bool] = False
 
-    def __init__(self, baseline_ckpt: str | None = None, finetune_epochs: int = 0, from_baseline: bool = False):
+    def __init__(self, baseline_ckpt: str | None = None, finetune_epochs: int = 0):
         if finetune_epochs is None or finetune_epochs < 0:
             raise ConfigError(f"prune.finetune_epochs={finetune_epochs} must be 0 or more")
         self.baseline_ckpt = baseline_ckpt or None
         self.finetune_epochs = int(finetune_epochs)
-        self.from_baseline = bool(from_baseline)
+
+    @property
+    def reference(self) -> str:
+        """The equal-budget ``prune=none`` cell this method's accuracy is compared with: the baseline
+        fine-tuned for the same ``finetune_epochs`` (scratch methods train the baseline's epochs)."""
+        return reference_name(self.finetune_epochs)
 
     def check(self, net: nn.Module, ctx: Context) -> None:
         """Validate options against the model and data before any training."""

@@ -152,11 +152,12 @@ class ChannelPruning(PruningMethod):
     """
 
     name = "channel"
+    from_baseline = True
 
     def __init__(self, importance: str = "l1", ratio: float = 0.5, global_pruning: bool = False,
                  max_layer_ratio: float = 0.9, calibration_batches: int = 4, finetune_epochs: int = 1,
-                 baseline_ckpt: str | None = None, from_baseline: bool = True):
-        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs, from_baseline=from_baseline)
+                 baseline_ckpt: str | None = None):
+        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs)
         if importance not in IMPORTANCES:
             raise ConfigError(f"prune.importance={importance} is unknown; use one of {', '.join(IMPORTANCES)}")
         check_fraction("ratio", ratio, low_open=True)

@@ -5,7 +5,8 @@ Edge Computing Devices", Ju & Kang 2024) prunes the weights of every Conv2d and 
 layer by L1 magnitude with ``torch.nn.utils.prune`` and compares two timings:
 
 * ``l1_static`` prunes once, before training, and makes the pruning permanent;
-* ``l1_dynamic`` prunes again at every epoch during training.
+* ``l1_dynamic`` prunes again at every epoch during training (Algorithm 1: at the start of each
+  epoch prune ``amount`` of the weights and make it permanent; weights may regrow in between).
 
 Sparsity is measured per layer type as in the paper's Algorithm 1 (zero weights over all
 weights of that type) by :func:`prunegrid.measure.layer_sparsity`.
@@ -31,7 +32,7 @@ log = logging.getLogger("prunegrid")
 
 KINDS: dict[str, type[nn.Module]] = {"conv": nn.Conv2d, "bn": nn.BatchNorm2d}
 SCOPES = ("layerwise", "global")
-SCHEDULES = ("constant", "gradual")
+SCHEDULES = ("paper", "gradual", "constant")
 RAMPS = ("linear", "cubic")
 
 
@@ -148,10 +149,15 @@ class L1Static(_L1Pruning):
 def cumulative_sparsity(amount: float, epoch: int, epochs: int, schedule: str, ramp: str) -> float:
     """Target sparsity after the pruning at the start of ``epoch`` (0-based) of ``epochs``.
 
-    ``constant``: ``amount`` of the remaining weights each epoch, so ``1 - (1 - amount)^(epoch+1)``.
+    ``paper``: ``amount`` at every pruning (the weights regrow in between, and each pruning
+    brings the layer back to ``amount``).
+    ``constant``: ``amount`` of the *remaining* weights each epoch with masks held, so it
+    compounds: ``1 - (1 - amount)^(epoch+1)``.
     ``gradual``: towards the final ``amount`` at the last epoch, ``linear`` or ``cubic``
     (Zhu & Gupta 2017: fast early, slow late).
     """
+    if schedule == "paper":
+        return amount
     if schedule == "constant":
         return 1.0 - (1.0 - amount) ** (epoch + 1)
     f = min(1.0, (epoch + 1) / max(1, epochs))
@@ -201,6 +207,31 @@ class EpochStartPruning(ModelPruning):
         pass
 
 
+class PaperDynamicPruning(Callback):
+    """Algorithm 1 of SEEDS.md 003 (dynamic): at the start of every epoch, prune ``amounts`` of
+    each layer type's weights by L1 magnitude and make the pruning permanent (``prune.remove``).
+
+    Training then updates the zeroed weights like any other, so they may regrow during the
+    epoch; the next pruning brings every layer back to ``amount``. ``history`` holds the
+    Conv2d/BatchNorm2d sparsity right after each pruning (logged as ``l1/prune_conv_sparsity``).
+    """
+
+    def __init__(self, amounts: dict[str, float], scope: str):
+        self.amounts, self.scope = amounts, scope
+        self.history: list[dict[str, float]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        for kind, amount in self.amounts.items():
+            l1_prune(pl_module, KINDS[kind], amount, self.scope)
+        make_permanent(pl_module)
+        self.history.append(sparsity_metrics(pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.history:
+            pl_module.log(tracking.L1_PRUNE_CONV_SPARSITY, self.history[-1][tracking.L1_CONV_SPARSITY], on_epoch=True)
+            pl_module.log(tracking.L1_PRUNE_BN_SPARSITY, self.history[-1][tracking.L1_BN_SPARSITY], on_epoch=True)
+
+
 class SparsityLogger(Callback):
     """Logs Algorithm 1's Conv2d/BatchNorm2d sparsity each epoch through the run's logger (step = epoch)."""
 
@@ -214,20 +245,22 @@ class L1Dynamic(_L1Pruning):
     """``l1_dynamic``: L1 pruning at every epoch during training (SEEDS.md 003, dynamic pruning).
 
     Args:
-        schedule: ``constant`` prunes ``amount`` (and ``bn_amount``) of the remaining weights every
-            epoch (the paper's loop); ``gradual`` ramps the cumulative sparsity to ``amount`` at
-            the last epoch (``ramp``: ``linear`` or ``cubic``).
+        schedule: ``paper`` (default, Algorithm 1): at the start of every epoch prune ``amount``
+            (and ``bn_amount``) of all weights and make it permanent, so pruned weights may regrow
+            until the next pruning (:class:`PaperDynamicPruning`). ``gradual`` holds the masks and
+            ramps the sparsity to ``amount`` at the last epoch (``ramp``: ``linear`` or ``cubic``).
+            ``constant`` holds the masks and prunes ``amount`` of the *remaining* weights every
+            epoch, so it compounds to ``1 - (1 - amount)^epochs``.
 
-    The pipeline keeps the best checkpoint by validation loss; if that checkpoint predates the
-    end of the schedule (or training stopped early), ``after_fit`` prunes it to the schedule's
-    final sparsity, so the reported model has it; ``l1/fit_conv_sparsity`` records what training
-    alone reached.
+    The pipeline keeps the best checkpoint by validation loss; ``after_fit`` prunes that model
+    once more to the schedule's final sparsity and makes it permanent, so the reported model has
+    it; ``l1/fit_conv_sparsity`` records what training alone left.
     """
 
     name = "l1_dynamic"
 
     def __init__(self, amount: float = 0.4, bn_amount: float = 0.3, scope: str = "layerwise",
-                 schedule: str = "gradual", ramp: str = "linear", **kw):
+                 schedule: str = "paper", ramp: str = "linear", **kw):
         super().__init__(amount, bn_amount, scope, **kw)
         if schedule not in SCHEDULES:
             raise ConfigError(f"prune.schedule={schedule} must be one of {', '.join(SCHEDULES)}")
@@ -239,6 +272,8 @@ class L1Dynamic(_L1Pruning):
     def callbacks(self, ctx: Context) -> list:
         cfg = ctx.extras.get("cfg")
         self._epochs = int(cfg.trainer.max_epochs) if cfg is not None else 1
+        if self.schedule == "paper":
+            return [PaperDynamicPruning({k: a for k, a in self.amounts.items() if a > 0}, self.scope), SparsityLogger()]
         return [*(EpochStartPruning(KINDS[k], a, self.schedule, self.ramp, self.scope)
                   for k, a in self.amounts.items() if a > 0), SparsityLogger()]
 

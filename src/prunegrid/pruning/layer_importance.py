@@ -384,13 +384,14 @@ class LayerImportance(PruningMethod):
     """
 
     name = "layer_importance"
+    from_baseline = True
 
     def __init__(self, score: str = "weight_x_activation",
                  layer_types: Sequence[str] = ("Conv2d", "Linear", "BatchNorm2d"),
                  calibration_batches: int = 4, k: int | None = 6, cumulative_share: float | None = None,
                  dropout: float = 0.3, ablation: bool = False, ablation_batches: int | None = 4,
-                 baseline_ckpt: str | None = None, finetune_epochs: int = 1, from_baseline: bool = True):
-        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs, from_baseline=from_baseline)
+                 baseline_ckpt: str | None = None, finetune_epochs: int = 1):
+        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs)
         if score not in SCORES:
             raise ConfigError(f"prune.score={score} is unknown; use one of {', '.join(SCORES)}")
         self.layer_classes = layer_classes(layer_types)

@@ -117,12 +117,13 @@ class QuantInt8(PruningMethod):
     """
 
     name = "quant_int8"
+    from_baseline = True
 
     def __init__(self, backend: str = "x86", calibration_batches: int = 8, finetune_epochs: int = 0,
-                 baseline_ckpt: str | None = None, from_baseline: bool = True):
+                 baseline_ckpt: str | None = None):
         if finetune_epochs:
             raise ConfigError(f"prune.finetune_epochs={finetune_epochs}: an INT8 model cannot be trained; set it to 0")
-        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=0, from_baseline=from_baseline)
+        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=0)
         engines = torch.backends.quantized.supported_engines
         if backend not in engines or backend == "none":
             usable = ", ".join(e for e in engines if e != "none")

@@ -49,16 +49,16 @@ class NetworkSlimming(ChannelPruning):
     """
 
     name = "slimming"
+    from_baseline = False
 
     def __init__(self, sparsity_lambda: float = 1e-3, ratio: float = 0.5, max_layer_ratio: float = 0.9,
-                 finetune_epochs: int = 1, baseline_ckpt: str | None = None, from_baseline: bool = False):
+                 finetune_epochs: int = 1, baseline_ckpt: str | None = None):
         if sparsity_lambda is None or sparsity_lambda < 0:
             raise ConfigError(f"prune.sparsity_lambda={sparsity_lambda} must be 0 or more")
-        if baseline_ckpt or from_baseline:
-            raise ConfigError("prune=slimming trains with its own BN penalty; set prune.from_baseline=false "
-                              "and prune.baseline_ckpt=null")
+        if baseline_ckpt:
+            raise ConfigError("prune=slimming trains with its own BN penalty from scratch; set prune.baseline_ckpt=null")
         super().__init__(importance="bn_scale", ratio=ratio, global_pruning=True, max_layer_ratio=max_layer_ratio,
-                         finetune_epochs=finetune_epochs, baseline_ckpt=None, from_baseline=False)
+                         finetune_epochs=finetune_epochs, baseline_ckpt=None)
         self.sparsity_lambda = float(sparsity_lambda)
         self.gamma_before: torch.Tensor | None = None
 

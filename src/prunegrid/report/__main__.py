@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         table = g.build(args.tracking_uri, args.experiment, args.out, ids, grid, args.ui or None)
     except PrunegridError as exc:
         fail(exc)
-    print(g.console(table))
-    print(f"\nprunegrid: {len(table)} cells -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, plots)")
+    print(g.console(g.seed_means(table)))
+    print(f"\nprunegrid: {len(table)} runs -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, plots)")
 
 
 if __name__ == "__main__":

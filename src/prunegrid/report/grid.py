@@ -1,19 +1,26 @@
-"""The comparison grid of CONTRACT.md: one row per cell, relative columns, seed means, plots.
+"""The comparison grid of CONTRACT.md: per-seed rows, seed means with spread, budgets, plots.
 
 Runs are read only through :func:`prunegrid.tracking.load_runs`. For each cell (backbone,
 prune, dataset, loss, seed) the latest FINISHED run is kept. Relative columns compare a row
-with the ``prune=none`` row of the same backbone, dataset, loss and seed:
+with rows of the same backbone, dataset, loss and seed:
 
+- ``acc_delta_pt = 100 * (acc - ref.acc)`` against the row's **equal-budget reference**
+  ``ref_prune`` (tag of the run): ``prune=none`` trained for the same total epochs (``none`` for
+  methods that add no epochs, ``none_ftF`` for methods that fine-tune ``F`` epochs after the
+  baseline's). ``ref_budget_epochs`` shows the reference's budget next to ``budget_epochs``.
+- ``acc_delta_pt_vs_base = 100 * (acc - none.acc)``: against the plain baseline, for context.
 - ``params_reduction_pct = 100 * (1 - params_nonzero / none.params_nonzero)``: non-zero
-  parameters, so unstructured sparsity counts; ``params`` (dense) shows whether the tensors
-  actually shrank.
+  parameters, so unstructured sparsity counts; ``params`` (dense) shows whether tensors shrank.
 - ``flops_reduction_pct = 100 * (1 - flops / none.flops)``
-- ``acc_delta_pt = 100 * (acc - none.acc)``, in percentage points.
-- ``epoch_speedup = none.epoch_s / epoch_s`` (the epochs this run trained: a method that starts
-  from the baseline model and fine-tunes reports its fine-tuning epochs; none: blank).
+- ``epoch_speedup = none.epoch_s / epoch_s`` (the epochs this run trained last).
 - ``infer_speedup = baseline_infer_ms / infer_ms``, where ``baseline_infer_ms`` is the dense
-  backbone timed in the same process right before (``baseline/infer_ms``, DESIGN.md "Honest
-  measurement"); runs without it use the none cell's ``infer_ms``.
+  backbone timed in the same process (``baseline/infer_ms``); runs without it use the none
+  cell's ``infer_ms``.
+
+``grid.csv`` has one row per cell over seeds: each numeric column is the mean, ``<col>_std`` its
+standard deviation, with ``n_seeds``; ``grid_seeds.csv`` has the per-seed rows. The markdown
+marks a delta smaller than its spread "within noise", a speed-up whose mean ± std includes 1.0
+"not measurably faster", rows whose baseline hit the epoch cap, and unequal budgets.
 """
 
 from __future__ import annotations
@@ -26,15 +33,20 @@ import numpy as np
 import pandas as pd
 
 from prunegrid import tracking
+from prunegrid.budget import BASELINE, TAG_REF_PRUNE, is_baseline_family
 from prunegrid.errors import ConfigError
 
 KEYS = list(tracking.CELL_TAGS)
 GROUP_KEYS = KEYS[:4]
+JOIN = ["backbone", "dataset", "loss", "seed"]
 BASE_COLUMNS = KEYS + list(tracking.GRID_METRICS)
-RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "epoch_speedup", "infer_speedup"]
+BUDGET = ["budget_epochs", "budget_images", "converged", "ref_prune", "ref_budget_epochs"]
+RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "acc_delta_pt_vs_base", "epoch_speedup",
+            "infer_speedup"]
 OPTIONAL = list(tracking.GRID_OPTIONAL_METRICS)
-BASELINE = "none"
-FILES = ("grid.csv", "grid.md", "grid.json", "acc_vs_params.png", "acc_vs_latency.png", "relative.png")
+FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "acc_vs_params.png", "acc_vs_latency.png",
+         "relative.png")
+NOISE, NOT_FASTER, CAP, UNEQUAL = "within noise", "not measurably faster", "hit the epoch cap", "unequal budget"
 
 
 class ReportError(ConfigError):
@@ -56,44 +68,75 @@ def latest_per_cell(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.reset_index(drop=True)
 
 
+def _ref_of(prune: str, tag) -> str:
+    if isinstance(tag, str) and tag:
+        return tag
+    return prune if is_baseline_family(prune) else BASELINE
+
+
 def rows(runs: pd.DataFrame) -> pd.DataFrame:
-    """The grid rows: CONTRACT columns + relative columns + optional columns + ``run_id``."""
+    """Per-seed grid rows: CONTRACT columns, budget columns, relative columns, optional columns, ``run_id``."""
     cells = latest_per_cell(runs)
     if cells.empty:
         raise ReportError("no FINISHED runs with the cell tags (backbone, prune, dataset, loss, seed); run the grid first")
     out = cells[KEYS + ["run_id", "experiment_id"]].copy()
-    for col, key in {**tracking.GRID_METRICS, **tracking.GRID_OPTIONAL_METRICS}.items():
+    for col, key in {**tracking.GRID_METRICS, **tracking.GRID_OPTIONAL_METRICS, **tracking.GRID_BUDGET_METRICS}.items():
         out[col] = pd.to_numeric(cells[key], errors="coerce") if key in cells else np.nan
+    tags = cells[TAG_REF_PRUNE] if TAG_REF_PRUNE in cells else pd.Series("", index=cells.index)
+    out["ref_prune"] = [_ref_of(p, t) for p, t in zip(out["prune"], tags)]
     same = cells[tracking.BASELINE_INFER_MS] if tracking.BASELINE_INFER_MS in cells else pd.Series(np.nan, cells.index)
     out["_baseline_infer_ms"] = pd.to_numeric(same, errors="coerce")
 
-    join = ["backbone", "dataset", "loss", "seed"]
-    base = out[out["prune"] == BASELINE].set_index(join)
-    ref = out[join].merge(base[["params_nonzero", "flops", "acc", "epoch_s", "infer_ms"]].add_prefix("b_"),
-                          left_on=join, right_index=True, how="left")
-    ref.index = out.index
-    out["params_reduction_pct"] = 100 * (1 - _ratio(out["params_nonzero"], ref["b_params_nonzero"]))
-    out["flops_reduction_pct"] = 100 * (1 - _ratio(out["flops"], ref["b_flops"]))
-    out["acc_delta_pt"] = 100 * (out["acc"] - ref["b_acc"])
-    out["epoch_speedup"] = _ratio(ref["b_epoch_s"], out["epoch_s"])
-    base_ms = out["_baseline_infer_ms"].where(out["_baseline_infer_ms"] > 0, ref["b_infer_ms"])
+    base = out[out["prune"] == BASELINE].set_index(JOIN)
+    b = out[JOIN].merge(base[["params_nonzero", "flops", "acc", "epoch_s", "infer_ms"]].add_prefix("b_"),
+                        left_on=JOIN, right_index=True, how="left")
+    b.index = out.index
+    refs = out.set_index(JOIN + ["prune"])[["acc", "budget_epochs"]].add_prefix("r_")
+    r = out[JOIN + ["ref_prune"]].merge(refs, left_on=JOIN + ["ref_prune"], right_index=True, how="left")
+    r.index = out.index
+
+    out["ref_budget_epochs"] = r["r_budget_epochs"]
+    out["params_reduction_pct"] = 100 * (1 - _ratio(out["params_nonzero"], b["b_params_nonzero"]))
+    out["flops_reduction_pct"] = 100 * (1 - _ratio(out["flops"], b["b_flops"]))
+    out["acc_delta_pt"] = 100 * (out["acc"] - r["r_acc"])
+    out["acc_delta_pt_vs_base"] = 100 * (out["acc"] - b["b_acc"])
+    out["epoch_speedup"] = _ratio(b["b_epoch_s"], out["epoch_s"])
+    base_ms = out["_baseline_infer_ms"].where(out["_baseline_infer_ms"] > 0, b["b_infer_ms"])
     out["infer_speedup"] = _ratio(base_ms, out["infer_ms"])
 
-    columns = BASE_COLUMNS + RELATIVE + [c for c in OPTIONAL if out[c].notna().any()] + ["run_id", "experiment_id"]
-    out = out[columns]
-    order = {p: i for i, p in enumerate(sorted(set(out["prune"]) - {BASELINE}), start=1)} | {BASELINE: 0}
-    out = out.assign(_o=out["prune"].map(order), _s=pd.to_numeric(out["seed"], errors="coerce"))
-    return out.sort_values(["backbone", "dataset", "loss", "_o", "_s"]).drop(columns=["_o", "_s"]).reset_index(drop=True)
+    optional = [c for c in OPTIONAL + ["train_total_s"] if out[c].notna().any()]
+    out = out[BASE_COLUMNS + BUDGET + RELATIVE + optional + ["run_id", "experiment_id"]]
+    return _ordered(out, ["_s"], _s=pd.to_numeric(out["seed"], errors="coerce"))
+
+
+def _ordered(table: pd.DataFrame, extra: list[str], **cols) -> pd.DataFrame:
+    """Baseline first, then its references, then the methods alphabetically."""
+    names = set(table["prune"])
+    refs = sorted((p for p in names if is_baseline_family(p) and p != BASELINE), key=lambda p: (len(p), p))
+    order = {p: i for i, p in enumerate([BASELINE, *refs, *sorted(names - {BASELINE, *refs})])}
+    table = table.assign(_o=table["prune"].map(order), **cols)
+    return (table.sort_values(["backbone", "dataset", "loss", "_o", *extra])
+            .drop(columns=["_o", *extra]).reset_index(drop=True))
+
+
+def _numeric(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c not in KEYS + ["run_id", "experiment_id", "ref_prune"]]
 
 
 def seed_means(grid: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of every numeric column, per (backbone, prune, dataset, loss)."""
-    num = [c for c in grid.columns if c not in KEYS + ["run_id", "experiment_id"]]
-    g = grid.groupby(GROUP_KEYS, sort=False)[num]
-    mean, std = g.mean(), g.std(ddof=1)
-    out = mean.add_suffix("_mean").join(std.add_suffix("_std"))
-    out.insert(0, "n_seeds", grid.groupby(GROUP_KEYS, sort=False).size())
-    return out[["n_seeds"] + [f"{c}_{s}" for c in num for s in ("mean", "std")]].reset_index()
+    """One row per (backbone, prune, dataset, loss): ``n_seeds``, ``seeds``, ``ref_prune``, and for
+    every numeric column its mean (same name) and standard deviation over seeds (``<col>_std``)."""
+    num = _numeric(grid)
+    g = grid.groupby(GROUP_KEYS, sort=False)
+    mean, std = g[num].mean(), g[num].std(ddof=1)
+    out = pd.DataFrame(index=mean.index)
+    out["n_seeds"] = g.size()
+    out["seeds"] = g["seed"].agg(lambda s: " ".join(map(str, s)))
+    out["ref_prune"] = g["ref_prune"].agg(lambda s: "/".join(dict.fromkeys(s)))
+    for c in num:
+        out[c] = mean[c]
+        out[f"{c}_std"] = std[c]
+    return _ordered(out.reset_index(), [])
 
 
 def select(runs: pd.DataFrame, run_ids: Iterable[str] | None = None, grid: dict | None = None) -> pd.DataFrame:
@@ -101,7 +144,8 @@ def select(runs: pd.DataFrame, run_ids: Iterable[str] | None = None, grid: dict 
     if run_ids is not None:
         runs = runs[runs["run_id"].isin(set(run_ids))]
     if grid is not None and not runs.empty:
-        prunes = [BASELINE, *grid.get("methods", {}).get("from_baseline", []), *grid.get("methods", {}).get("scratch", [])]
+        prunes = [BASELINE, *[r["prune"] for r in grid.get("references", [])],
+                  *grid.get("methods", {}).get("from_baseline", []), *grid.get("methods", {}).get("scratch", [])]
         keep = (runs["backbone"].isin(grid["backbones"]) & runs["prune"].isin(prunes)
                 & runs["dataset"].isin(grid["datasets"]) & runs["loss"].isin(grid["losses"])
                 & runs["seed"].isin([str(s) for s in grid["seeds"]]))
@@ -130,69 +174,115 @@ def _fmt(col: str, v) -> str:
         return ""
     if isinstance(v, str):
         return v
-    if col in ("params", "params_nonzero", "flops"):
+    if col in ("params", "params_nonzero", "flops", "budget_images"):
         return f"{v:,.0f}"
-    if col in ("acc", "f1_macro", "cam_agreement"):
-        return f"{v:.4f}"
-    if col.endswith("_pct") or col == "acc_delta_pt":
+    if col in ("acc", "f1_macro", "cam_agreement", "converged"):
+        return f"{v:.4f}" if col != "converged" else f"{v:.2f}"
+    if col.endswith("_pct") or col.startswith("acc_delta_pt"):
         return f"{v:+.1f}"
     if col.endswith("speedup"):
         return f"{v:.2f}x"
+    if col.endswith("budget_epochs"):
+        return f"{v:.3g}"
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def _pm(col: str, mean, std) -> str:
+    text = _fmt(col, mean)
+    if text and std is not None and not (isinstance(std, float) and np.isnan(std)):
+        text += f" ± {_fmt(col, std).lstrip('+').rstrip('x')}"
+    return text
 
 
 def _link(run_id: str, exp_id: str, ui: str | None) -> str:
     return f"[{run_id[:8]}]({ui.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id})" if ui else run_id
 
 
-def markdown(grid: pd.DataFrame, means: pd.DataFrame | None, ui: str | None = None) -> str:
-    cols = [c for c in grid.columns if c != "experiment_id"]
+def notes(r: pd.Series) -> list[str]:
+    """The honesty marks of one seed-mean row."""
+    out = []
+    n = int(r["n_seeds"])
+    own_ref = r["prune"] == r["ref_prune"]
+    if not own_ref:
+        d, sd = r["acc_delta_pt"], r.get("acc_delta_pt_std", np.nan)
+        if n < 2:
+            out.append("one seed: no spread")
+        elif np.isfinite(d) and np.isfinite(sd) and abs(d) <= sd:
+            out.append(f"accuracy {NOISE}")
+        if np.isfinite(r["budget_epochs"]) and np.isfinite(r["ref_budget_epochs"]) \
+                and r["budget_epochs"] != r["ref_budget_epochs"]:
+            out.append(UNEQUAL)
+    for col in ("infer_speedup", "infer_speedup_onnx"):
+        if col in r and np.isfinite(r[col]) and not is_baseline_family(r["prune"]):
+            sd = r.get(f"{col}_std", np.nan)
+            lo, hi = (r[col] - sd, r[col] + sd) if np.isfinite(sd) else (r[col], r[col])
+            if lo <= 1.0 <= hi or r[col] <= 1.0:
+                out.append(f"{NOT_FASTER}{' (onnx)' if col.endswith('onnx') else ''}")
+    if np.isfinite(r.get("converged", np.nan)) and r["converged"] < 1:
+        out.append(f"{CAP} ({int(round((1 - r['converged']) * n))}/{n} seeds)")
+    return out
+
+
+SUMMARY = ["n_seeds", "budget_epochs", "ref_prune", "ref_budget_epochs", "converged", "acc", "acc_delta_pt",
+           "acc_delta_pt_vs_base", "params_nonzero", "params_reduction_pct", "flops_reduction_pct", "epoch_speedup",
+           "infer_ms", "infer_speedup", "infer_ms_onnx", "train_s", "size_mb", "train_peak_mb", "cam_agreement"]
+
+
+def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None) -> str:
+    cols = [c for c in SUMMARY if c in means.columns]
     lines = ["# Comparison grid", "",
-             "One row per cell (latest FINISHED MLflow run). Relative columns compare with the `prune=none` cell of "
-             "the same backbone, dataset, loss and seed (see `prunegrid.report.grid`).", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+             "Mean ± std over seeds, one row per cell. `acc_delta_pt` compares with the equal-budget reference "
+             "`ref_prune` (a `prune=none` model trained for the same total epochs, same seed); "
+             "`acc_delta_pt_vs_base` with the plain baseline. Size, FLOPs and speed columns compare with the `none` "
+             "cell; `infer_speedup` times the dense baseline in the same process. Differences inside their spread "
+             f"are marked \"{NOISE}\", speed-ups whose mean ± std includes 1.0 \"{NOT_FASTER}\"; `converged` is "
+             "the share of seeds whose baseline training was ended by early stopping (the rest hit the epoch cap). "
+             "See `prunegrid.report.grid`.", "",
+             "| " + " | ".join(GROUP_KEYS + cols + ["notes"]) + " |", "|" + "---|" * (len(GROUP_KEYS) + len(cols) + 1)]
+    for _, r in means.iterrows():
+        vals = [str(r[c]) if c in ("n_seeds", "ref_prune") else _pm(c, r[c], r.get(f"{c}_std")) for c in cols]
+        lines.append("| " + " | ".join([str(r[k]) for k in GROUP_KEYS] + vals + ["; ".join(notes(r))]) + " |")
+    per = [c for c in grid.columns if c != "experiment_id"]
+    lines += ["", "## Per seed", "", "| " + " | ".join(per) + " |", "|" + "---|" * len(per)]
     for _, r in grid.iterrows():
-        cells = [_link(r["run_id"], r["experiment_id"], ui) if c == "run_id" else _fmt(c, r[c]) for c in cols]
+        cells = [_link(r["run_id"], r["experiment_id"], ui) if c == "run_id" else _fmt(c, r[c]) for c in per]
         lines.append("| " + " | ".join(cells) + " |")
-    if means is not None:
-        num = [c[:-5] for c in means.columns if c.endswith("_mean")]
-        lines += ["", "## Mean ± std over seeds", "", "| " + " | ".join(GROUP_KEYS + ["n_seeds"] + num) + " |",
-                  "|" + "---|" * (len(GROUP_KEYS) + 1 + len(num))]
-        for _, r in means.iterrows():
-            vals = [f"{_fmt(c, r[c + '_mean'])} ± {_fmt(c, r[c + '_std']).lstrip('+')}"
-                    if not np.isnan(r[c + "_std"]) else _fmt(c, r[c + "_mean"]) for c in num]
-            lines.append("| " + " | ".join([str(r[k]) for k in GROUP_KEYS] + [str(r["n_seeds"])] + vals) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _label(r: pd.Series, grid: pd.DataFrame) -> str:
+def _label(r: pd.Series, table: pd.DataFrame) -> str:
     parts = [r["prune"]]
-    for k in ("backbone", "dataset", "loss", "seed"):
-        if grid[k].nunique() > 1:
-            parts.append(str(r[k]) if k != "seed" else f"s{r[k]}")
+    for k in ("backbone", "dataset", "loss"):
+        if table[k].nunique() > 1:
+            parts.append(str(r[k]))
     return "/".join(parts)
 
 
-def plots(grid: pd.DataFrame, out: Path) -> list[Path]:
-    """Accuracy vs non-zero params and vs latency (one labelled point per cell); relative bars."""
+def _std(means: pd.DataFrame, col: str) -> np.ndarray:
+    return means[f"{col}_std"].fillna(0.0).to_numpy() if f"{col}_std" in means else np.zeros(len(means))
+
+
+def plots(means: pd.DataFrame, out: Path) -> list[Path]:
+    """Accuracy vs non-zero params and vs latency (one point per cell, error bars over seeds);
+    bars of the relative columns with their spread."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    labels = [_label(r, grid) for _, r in grid.iterrows()]
+    labels = [_label(r, means) for _, r in means.iterrows()]
     for x, name, xlabel in (("params_nonzero", "acc_vs_params.png", "non-zero parameters"),
                             ("infer_ms", "acc_vs_latency.png", "latency, batch 1 (ms)")):
         fig, ax = plt.subplots(figsize=(7, 5))
-        for prune, g in grid.groupby("prune", sort=False):
-            ax.scatter(g[x], g["acc"], label=prune, s=40)
-        for lab, xv, yv in zip(labels, grid[x], grid["acc"]):
+        for prune, g in means.groupby("prune", sort=False):
+            ax.errorbar(g[x], g["acc"], xerr=_std(g, x), yerr=_std(g, "acc"), fmt="o", capsize=3, label=prune)
+        for lab, xv, yv in zip(labels, means[x], means["acc"]):
             if np.isfinite(xv) and np.isfinite(yv):
                 ax.annotate(lab, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if x == "params_nonzero" and (grid[x] > 0).all():
+        if x == "params_nonzero" and (means[x] > 0).all():
             ax.set_xscale("log")
-        ax.set(xlabel=xlabel, ylabel="test accuracy", title=f"Accuracy vs {xlabel}")
+        ax.set(xlabel=xlabel, ylabel="test accuracy (mean ± std over seeds)", title=f"Accuracy vs {xlabel}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -202,9 +292,10 @@ def plots(grid: pd.DataFrame, out: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, len(RELATIVE), figsize=(3.2 * len(RELATIVE), 4), sharey=False)
     for ax, col in zip(axes, RELATIVE):
-        vals = grid[col].fillna(0.0)
-        ax.bar(range(len(grid)), vals, color=["tab:gray" if p == BASELINE else "tab:blue" for p in grid["prune"]])
-        ax.set_xticks(range(len(grid)), labels, rotation=60, ha="right", fontsize=7)
+        vals = means[col].fillna(0.0)
+        ax.bar(range(len(means)), vals, yerr=_std(means, col), capsize=3,
+               color=["tab:gray" if is_baseline_family(p) else "tab:blue" for p in means["prune"]])
+        ax.set_xticks(range(len(means)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(col, fontsize=9)
         ax.axhline(1.0 if col.endswith("speedup") else 0.0, color="k", lw=0.6)
         ax.grid(axis="y", alpha=0.3)
@@ -223,28 +314,28 @@ def _json_value(v):
     return v
 
 
-def to_json(grid: pd.DataFrame, means: pd.DataFrame | None) -> dict:
-    """``{"cells": {cell name: row}, "mean": {cell without seed: mean/std}}`` (``mean`` with several seeds)."""
-    data = {"cells": {tracking.run_name(dict(r[KEYS])): {k: _json_value(v) for k, v in r.items() if k not in KEYS}
+def to_json(grid: pd.DataFrame, means: pd.DataFrame) -> dict:
+    """``{"cells": {cell name without seed: mean row}, "seeds": {run name: per-seed row}}``."""
+    return {"cells": {"-".join(str(r[k]) for k in GROUP_KEYS): {k: _json_value(v) for k, v in r.items()
+                                                                if k not in GROUP_KEYS}
+                      for _, r in means.iterrows()},
+            "seeds": {tracking.run_name(dict(r[KEYS])): {k: _json_value(v) for k, v in r.items() if k not in KEYS}
                       for _, r in grid.iterrows()}}
-    if means is not None:
-        data["mean"] = {"-".join(str(r[k]) for k in GROUP_KEYS): {k: _json_value(v) for k, v in r.items()
-                                                                  if k not in GROUP_KEYS}
-                        for _, r in means.iterrows()}
-    return data
 
 
-def console(grid: pd.DataFrame) -> str:
-    cols = KEYS + ["acc", "params_nonzero", "flops", "infer_ms", "epoch_s"] + RELATIVE
-    shown = grid[cols].copy()
-    for c in cols[5:]:
-        shown[c] = [_fmt(c, v) for v in shown[c]]
+def console(means: pd.DataFrame) -> str:
+    cols = ["n_seeds", "budget_epochs", "ref_prune", "acc", "acc_delta_pt", "params_reduction_pct", "infer_speedup"]
+    shown = means[GROUP_KEYS[:2] + cols].copy()
+    for c in cols:
+        if c not in ("n_seeds", "ref_prune"):
+            shown[c] = [_pm(c, m, s) for m, s in zip(means[c], means.get(f"{c}_std", [np.nan] * len(means)))]
     return shown.to_string(index=False)
 
 
 def build(uri: str | None = None, experiments: list[str] | None = None, out: str | Path = "reports",
           run_ids: Iterable[str] | None = None, grid: dict | None = None, ui: str | None = None) -> pd.DataFrame:
-    """Read the runs, write ``grid.csv``, ``grid.md``, ``grid.json`` and the plots under ``out``."""
+    """Read the runs, write ``grid.csv`` (seed means), ``grid_seeds.csv``, ``grid.md``, ``grid.json``
+    and the plots under ``out``; return the per-seed rows."""
     uri = tracking.resolve_uri(uri)
     runs = tracking.load_runs(uri, experiments)
     if runs.empty:
@@ -254,13 +345,12 @@ def build(uri: str | None = None, experiments: list[str] | None = None, out: str
     if runs.empty:
         raise ReportError(f"none of the selected runs is in {uri}; check --tracking-uri / --experiment")
     table = rows(runs)
-    means = seed_means(table) if table.groupby(GROUP_KEYS).size().max() > 1 else None
+    means = seed_means(table)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table.drop(columns=["experiment_id"]).to_csv(out / "grid.csv", index=False)
-    if means is not None:
-        means.to_csv(out / "grid_mean.csv", index=False)
+    means.to_csv(out / "grid.csv", index=False)
+    table.drop(columns=["experiment_id"]).to_csv(out / "grid_seeds.csv", index=False)
     (out / "grid.md").write_text(markdown(table, means, ui))
     (out / "grid.json").write_text(json.dumps(to_json(table.drop(columns=["experiment_id"]), means), indent=1))
-    plots(table, out)
+    plots(means, out)
     return table
