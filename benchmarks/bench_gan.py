@@ -1,4 +1,4 @@
-"""Does GAN augmentation with quality filtering (SEEDS.md 000) help a small real training set?
+"""Does GAN augmentation with quality filtering (Jin & Song (Layer Importance Evaluation)) help a small real training set?
 
 1. Export a low-data Fashion-MNIST ImageFolder tree: ``train/`` = ``--real-per-class`` real images
    per class (seeded pick from the 60k training split), ``test/`` = the official 10k test split

@@ -1,4 +1,4 @@
-"""Benchmark: ``prune=none`` vs ``prune=layer_importance`` (SEEDS.md 000) on Fashion-MNIST.
+"""Benchmark: ``prune=none`` vs ``prune=layer_importance`` (Jin & Song (Layer Importance Evaluation)) on Fashion-MNIST.
 
 For each backbone the ``none`` cell is trained first; the ``layer_importance`` cell then starts
 from that cell's saved model (``prune.baseline_ckpt``, downloaded from its MLflow run), so both

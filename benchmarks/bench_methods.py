@@ -8,7 +8,7 @@ Methods that lighten a trained model (``from_baseline: true``) start from the ``
 
 Prints the grid rows (accuracy and its delta in points, parameters, sparsity, FLOPs, file size,
 epoch time, eager and ONNX Runtime latency at batch 1 with speedups, peak memory), the paper's
-static vs dynamic L1 comparison (SEEDS.md 003) and the issue's targets; writes
+static vs dynamic L1 comparison (Ju & Kang (on-device lightweight methods)) and the issue's targets; writes
 ``reports/bench/methods.json``.
 
     flock /tmp/prunegrid-cpu.lock .venv/bin/python benchmarks/bench_methods.py
@@ -198,7 +198,7 @@ def main() -> None:
         if r["status"] != "FINISHED" or (r["onnx_status"] not in ("", "ok")):
             print(f"  note {r['label']}: status {r['status']} {r['status_detail'] or ''} onnx: {r['onnx_status']}")
 
-    print("\n## Static vs dynamic L1 (SEEDS.md 003), same final sparsity target\n")
+    print("\n## Static vs dynamic L1 (Ju & Kang (on-device lightweight methods)), same final sparsity target\n")
     keys = [("test/acc", "{:.4f}"), ("d_acc_pt", "{:+.2f}"), (tracking.L1_CONV_SPARSITY, "{:.3f}"),
             (tracking.L1_BN_SPARSITY, "{:.3f}"), ("l1/fit_conv_sparsity", "{:.3f}"), ("rr/infer_ms", "{:.2f}"),
             ("rr/infer_ms_onnx", "{:.2f}"), ("time/infer_ms", "{:.2f}"), (tracking.ONNX_METRICS[0], "{:.2f}"),

@@ -1,4 +1,4 @@
-"""ResNet18 vs SE-ResNet18 vs stage-shared SE-ResNet18 (SEEDS.md 002) on Fashion-MNIST, same budget.
+"""ResNet18 vs SE-ResNet18 vs stage-shared SE-ResNet18 (BaiNa & Joe (explainable channel attention)) on Fashion-MNIST, same budget.
 
 Each backbone runs as a normal ``prune=none`` cell through ``prunegrid.pipeline.run`` (same
 data subset, epochs, seed, optimizer and measurement code) into a temporary MLflow store; the
@@ -123,7 +123,7 @@ def main() -> None:
         print(f"{r['backbone']:<13} {r['test_acc']:>8.4f} {r['acc_delta_pt']:>+8.2f} {r['params']:>11,} "
               f"{r['epoch_s']:>8.1f} {r['infer_ms']:>8.2f} {r['cam_iou_vs_resnet18']:>7.3f} "
               f"{r['cam_pearson_vs_resnet18']:>6.3f}")
-    print("paper (SEEDS.md 002, garbage classification, ResNet50): 77.59% -> 83.33% with SE (+5.74 pt)")
+    print("paper (BaiNa & Joe (explainable channel attention), garbage classification, ResNet50): 77.59% -> 83.33% with SE (+5.74 pt)")
     result = {"dataset": "fashion_mnist", "subset": args.subset, "epochs": args.epochs, "input_size": 32,
               "seed": args.seed, "rows": rows, "paper_delta_pt": 5.74, "wall_s": time.perf_counter() - t0}
     (OUT / "se.json").write_text(json.dumps(result, indent=1))

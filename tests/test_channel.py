@@ -101,7 +101,7 @@ def test_bn_sparsity_callback_adds_l1_subgradient():
     "prune=channel prune.ratio=0", "prune=channel prune.ratio=1", "prune=channel prune.ratio=1.5",
     "prune=channel prune.importance=random", "prune=channel prune.max_layer_ratio=1",
     "prune=channel prune.calibration_batches=0", "prune=slimming prune.sparsity_lambda=-1",
-    "prune=slimming prune.from_baseline=true",
+    "prune=slimming prune.baseline_ckpt=model.pt",
 ])
 def test_bad_options_raise(overrides):
     with pytest.raises(ConfigError, match="prune"):

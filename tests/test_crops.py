@@ -1,4 +1,4 @@
-"""Letterboxed crops from detection boxes (SEEDS.md 001) on real images built here: Fashion-MNIST
+"""Letterboxed crops from detection boxes (Kim (ResNet transfer learning)) on real images built here: Fashion-MNIST
 tiles pasted at known boxes on larger canvases."""
 
 from __future__ import annotations

@@ -81,3 +81,23 @@ def test_bad_numbers():
         ImageDataModule(lambda: None, subset=0)
     with pytest.raises(ConfigError):
         ImageDataModule(lambda: None, val_fraction=1.5)
+
+
+def test_class_subset_relabels_and_caps_per_class(fashion_dir):
+    """A task of some classes (transfer source / target): labels 0..k-1 in the given order, capped per class."""
+    dm = ImageDataModule(lambda: fashion_mnist(str(fashion_dir), download=False), classes=[9, "Sneaker", 5],
+                         train_per_class=40, seed=0)
+    dm.setup()
+    assert dm.classes == ["Ankle boot", "Sneaker", "Sandal"]
+    train = dm.targets("train")
+    assert sorted(set(train)) == [0, 1, 2] and [train.count(c) for c in range(3)] == [40, 40, 40]
+    test = dm.targets("test")
+    assert len(test) == 3000 and sorted(set(test)) == [0, 1, 2]      # 1,000 test images per class
+    raw = fashion_mnist(str(fashion_dir), download=False)
+    img, label = dm.splits.test[0]
+    first_boot = next(i for i in range(len(raw.test)) if raw.test[i][1] in (9, 7, 5))
+    assert label == {9: 0, 7: 1, 5: 2}[raw.test[first_boot][1]]
+    assert torch.equal(img, raw.test[first_boot][0])
+    for bad in ([3], [0, 0], [0, "Spaceship"]):
+        with pytest.raises(Exception, match="dataset.classes"):
+            ImageDataModule(lambda: raw, classes=bad).setup()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from prunegrid import grid
+from prunegrid.budget import BASELINE
 from prunegrid.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def sh(cwd: Path, *cmd: str) -> str:
 
 
 def _method(flag: bool) -> str | None:
-    return next((m for m in grid.prunes("all") if m != "none" and grid.from_baseline(m) == flag), None)
+    return next((m for m in grid.prunes("all") if m != BASELINE and grid.from_baseline(m) == flag), None)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def project(tmp_path_factory, fashion_dir) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("conf", "src"):
         shutil.copytree(ROOT / name, dst / name, ignore=ignore)
-    for name in ("train.py", "dvc.yaml", ".dvcignore"):
+    for name in ("train.py", "dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, dst / name)
     shutil.copytree(fashion_dir, dst / "data" / "fashion_mnist")
     sh(dst, "git", "init", "-q")
@@ -68,19 +69,21 @@ def test_tiny_dvc_repro_one_row_per_cell(project):
     """
     dvc = (sys.executable, "-m", "dvc")
     method = _method(True) or _method(False)
-    prunes = ["none", method]
+    prunes = ["none", *[r["prune"] for r in grid.references([method])], method]
     out = sh(project, *dvc, "repro")
     assert "Running stage 'grid'" in out
 
-    table = pd.read_csv(project / "reports" / "grid.csv")
+    table = pd.read_csv(project / "reports" / "grid_seeds.csv")
     assert sorted(table["prune"]) == sorted(prunes)
     assert (table.groupby(["backbone", "prune", "dataset", "loss", "seed"]).size() == 1).all()
     assert table.loc[table.prune == "none", "acc_delta_pt"].iloc[0] == 0
+    row = table[table.prune == method].iloc[0]
+    assert row["budget_epochs"] == row["ref_budget_epochs"] and row["ref_prune"] in prunes
     for p in prunes:
         cell = f"resnet18-{p}-fashion_mnist-cross_entropy-s42"
         assert (project / "models" / f"{cell}.pt").is_file()
         assert json.loads((project / "metrics" / f"{cell}.json").read_text())["run_id"] in set(table["run_id"])
-    assert (project / "reports" / "grid.md").read_text().count("| resnet18 |") == len(prunes)
+    assert (project / "reports" / "grid.md").read_text().count("| resnet18 |") == 2 * len(prunes)
 
     again = sh(project, *dvc, "repro")
     assert "Running stage" not in again
@@ -109,12 +112,41 @@ def test_params_yaml_is_what_dvc_composes(tmp_path):
     assert methods == set(grid.prunes("all")) - {"none"}
     assert not set(g["methods"]["from_baseline"]) & set(g["methods"]["scratch"])
     assert all(grid.from_baseline(m) for m in g["methods"]["from_baseline"])
+    assert g["baseline"] == BASELINE and g["references"] == grid.references("all")
 
 
 def test_paper_grid_preset(tmp_path):
     g = grid.compose_grid(["+experiment=paper_grid"])["grid"]
     assert {"resnet18", "resnet50", "vgg19", "efficientnet_b5", "xception"} <= set(g["backbones"])
     assert set(g["losses"]) == {"cross_entropy", "focal"} and len(g["seeds"]) == 3
+    assert "backbone.pretrained=true" in g["overrides"]
+
+
+@pytest.mark.parametrize("preset, seeds", [([], 3), (["+experiment=quick"], 2), (["+experiment=transfer"], 3)])
+def test_presets_have_seeds_and_references(preset, seeds):
+    g = grid.compose_grid(preset)["grid"]
+    assert len(g["seeds"]) >= seeds
+    epochs = {grid.finetune_epochs(m) for m in g["methods"]["from_baseline"] + g["methods"]["scratch"]} - {0}
+    assert [r["finetune"] for r in g["references"]] == sorted(epochs)
+    assert all(r["prune"] == f"{BASELINE}_ft{r['finetune']}" for r in g["references"])
+
+
+def test_class_declaration_alone_moves_a_method_between_stages(project, monkeypatch):
+    """Flip a method class's ``from_baseline``: DVC expands it in the other stage; no YAML or dvc.yaml edit."""
+    method = _method(True)
+    cls = grid.method_class(method)
+    before = sh(project, sys.executable, "-m", "dvc", "stage", "list")
+    assert f"train_from_base@resnet18-{method}-" in before and f"train_scratch@resnet18-{method}-" not in before
+    monkeypatch.setattr(cls, "from_baseline", False)
+    monkeypatch.chdir(project)
+    g = grid.write_params([f"grid.prunes=[none,{method}]", f"grid.overrides='{TINY}'"], project / "params.yaml")
+    assert g["grid"]["methods"] == {"from_baseline": [], "scratch": [method]}
+    after = sh(project, sys.executable, "-m", "dvc", "stage", "list")
+    assert f"train_scratch@resnet18-{method}-" in after and f"train_from_base@resnet18-{method}-" not in after
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    grid.write_params([f"grid.prunes=[none,{method}]", f"grid.overrides='{TINY}'"], project / "params.yaml")
+    assert f"train_from_base@resnet18-{method}-" in sh(project, sys.executable, "-m", "dvc", "stage", "list")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -124,6 +156,7 @@ def test_paper_grid_preset(tmp_path):
     ("grid.seeds=[]", "grid.seeds is empty"),
     ("grid.seeds=[a]", "must be integers"),
     ("grid.overrides='backbone=nope'", "unknown backbone 'nope'"),
+    ("grid.overrides='prune.finetune_epochs=3'", "may not set prune.finetune_epochs"),
 ])
 def test_bad_grid_is_one_line_error(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

@@ -1,4 +1,4 @@
-"""GAN augmentation with quality filtering (SEEDS.md 000) and ``dataset.synthetic=PATH``."""
+"""GAN augmentation with quality filtering (Jin & Song (Layer Importance Evaluation)) and ``dataset.synthetic=PATH``."""
 
 from __future__ import annotations
 

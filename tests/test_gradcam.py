@@ -1,4 +1,4 @@
-"""Grad-CAM for every run (SEEDS.md 002): agreement measures, target layers, a patch task, the pipeline and CLI."""
+"""Grad-CAM for every run (BaiNa & Joe (explainable channel attention)): agreement measures, target layers, a patch task, the pipeline and CLI."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Static and dynamic L1 pruning (SEEDS.md 003): sparsity as Algorithm 1, masks held, schedules."""
+"""Static and dynamic L1 pruning (Ju & Kang (on-device lightweight methods)): sparsity as Algorithm 1, masks held, schedules."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ class ZeroProbe(Callback):
 
 def test_dynamic_masks_held_and_sparsity_rises_per_schedule(tmp_path, fashion_dir):
     probe = ZeroProbe()
-    net = _direct_fit(tmp_path, 3, "prune=l1_dynamic", probe=probe)
+    net = _direct_fit(tmp_path, 3, "prune=l1_dynamic", "prune.schedule=gradual", probe=probe)
     final = [m.weight == 0 for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert len(probe.zeros) == 3
     conv = [sum(int(z.sum()) for z in zs) / sum(z.numel() for z in zs) for zs in probe.zeros]
@@ -173,3 +173,39 @@ def test_dynamic_masks_held_and_sparsity_rises_per_schedule(tmp_path, fashion_di
     for at_epoch1, end in zip(probe.zeros[0], final):
         assert bool(end[at_epoch1].all())
     assert not any(n.endswith("_orig") for n, _ in net.named_parameters())
+
+
+def _sparsity(zeros: list[torch.Tensor]) -> float:
+    return sum(int(z.sum()) for z in zeros) / sum(z.numel() for z in zeros)
+
+
+def test_paper_loop_prunes_amount_each_epoch_and_weights_regrow(tmp_path, fashion_dir):
+    """Ju & Kang (on-device lightweight methods), Algorithm 1: prune ``amount`` at each epoch's start, permanent, regrowth in between."""
+    cfg = compose(tiny(tmp_path, "backbone=simple_cnn", "trainer.max_epochs=3", "trainer.callbacks.early_stopping=null",
+                       "trainer.limit_train_batches=3", "prune=l1_dynamic"))
+    cell = pipeline.Cell(cfg)
+    ctx = cell.context()
+    assert cell.method.schedule == "paper"                      # the default
+    callbacks = cell.method.callbacks(ctx)
+    loop = next(c for c in callbacks if isinstance(c, l1.PaperDynamicPruning))
+    probe = ZeroProbe()
+    net = cell.fit(cell.method.before_fit(cell.net, ctx), 3, [*callbacks, probe])
+    assert len(loop.history) == 3
+    for at_pruning in loop.history:                             # every pruning: amount, within 0.5 point
+        assert abs(at_pruning[tracking.L1_CONV_SPARSITY] - 0.4) < 0.005
+        assert abs(at_pruning[tracking.L1_BN_SPARSITY] - 0.3) < 0.005
+    assert all(_sparsity(zs) < 0.4 - 0.05 for zs in probe.zeros)  # permanent: pruned weights regrow in the epoch
+    assert not any(n.endswith("_orig") for n, _ in net.named_parameters())
+    final = cell.method.after_fit(net, ctx)
+    assert abs(measure.layer_sparsity(final, nn.Conv2d) - 0.4) < 0.005
+    assert abs(measure.layer_sparsity(final, nn.BatchNorm2d) - 0.3) < 0.005
+
+
+def test_static_and_dynamic_differ_after_two_epochs(tmp_path, fashion_dir):
+    """With more than one epoch, the paper's static and dynamic timings give different models."""
+    static = _direct_fit(tmp_path, 2, "prune=l1_static", "trainer.limit_train_batches=3")
+    dynamic = _direct_fit(tmp_path, 2, "prune=l1_dynamic", "trainer.limit_train_batches=3")
+    zs = [m.weight == 0 for m in static.modules() if isinstance(m, nn.Conv2d)]
+    zd = [m.weight == 0 for m in dynamic.modules() if isinstance(m, nn.Conv2d)]
+    assert abs(_sparsity(zs) - _sparsity(zd)) < 0.005          # same sparsity ...
+    assert any(not torch.equal(a, b) for a, b in zip(zs, zd))  # ... at different positions

@@ -1,4 +1,4 @@
-"""Layer Importance Evaluation (SEEDS.md 000): scores against hand-computed values, the ranking,
+"""Layer Importance Evaluation (Jin & Song (Layer Importance Evaluation)): scores against hand-computed values, the ranking,
 the rebuild on the Net shape, every backbone option, one cell end to end, and bad input."""
 
 from __future__ import annotations

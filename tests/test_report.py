@@ -14,13 +14,14 @@ from prunegrid.report import grid as g
 from prunegrid.report.__main__ import main
 
 CONTRACT = ["backbone", "prune", "dataset", "loss", "seed", "acc", "f1_macro", "params", "params_nonzero", "flops",
-            "size_mb", "train_s", "epoch_s", "infer_ms", "infer_peak_mb", "train_peak_mb",
-            "params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "epoch_speedup", "infer_speedup"]
+            "size_mb", "train_s", "epoch_s", "infer_ms", "infer_peak_mb", "train_peak_mb"]
+RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "epoch_speedup", "infer_speedup"]
+SUMMARY = ["budget_epochs", "ref_prune", "ref_budget_epochs", "acc_delta_pt", "acc_delta_pt_std", "n_seeds", "converged"]
 
 
-def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet18", **m):
+def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet18", ref=None, **m):
     tags = {"backbone": backbone, "prune": prune, "dataset": "fashion_mnist", "loss": "cross_entropy",
-            "seed": str(seed)}
+            "seed": str(seed), **({"ref_prune": ref} if ref else {})}
     run = client.create_run(exp_id, tags=tags, run_name=tracking.run_name(tags))
     metrics = {"test/acc": 0.9, "test/f1_macro": 0.89, "model/params": 1000, "model/params_nonzero": 1000,
                "model/flops": 5000, "model/size_mb": 4.0, "time/train_s": 100, "time/epoch_s": 10,
@@ -59,7 +60,7 @@ def test_relative_columns_on_known_runs(store, tmp_path):
                                          "time__epoch_s": 0, "time__infer_ms_onnx": 1.5})
 
     table = g.build(uri, ["test_relative_columns_on_known_runs"], tmp_path / "rep", ui=None)
-    assert list(table.columns[:len(CONTRACT)]) == CONTRACT
+    assert list(table.columns[:len(CONTRACT)]) == CONTRACT and set(RELATIVE) <= set(table.columns)
     assert "infer_ms_onnx" in table.columns and "cam_agreement" not in table.columns
     assert list(table["prune"]) == ["none", "channel", "l1_static"]
     ch = table[table.prune == "channel"].iloc[0]
@@ -80,12 +81,14 @@ def test_relative_columns_on_known_runs(store, tmp_path):
 
     out = tmp_path / "rep"
     csv = pd.read_csv(out / "grid.csv")
-    assert len(csv) == 3 and list(csv.columns[:len(CONTRACT)]) == CONTRACT
+    assert len(csv) == 3 and set(CONTRACT[:4] + CONTRACT[5:] + RELATIVE + SUMMARY) <= set(csv.columns)
+    assert len(pd.read_csv(out / "grid_seeds.csv")) == 3
     data = json.loads((out / "grid.json").read_text())
-    assert data["cells"]["resnet18-channel-fashion_mnist-cross_entropy-s42"]["acc_delta_pt"] == pytest.approx(-5.0)
-    assert "mean" not in data
+    assert data["seeds"]["resnet18-channel-fashion_mnist-cross_entropy-s42"]["acc_delta_pt"] == pytest.approx(-5.0)
+    assert data["cells"]["resnet18-channel-fashion_mnist-cross_entropy"]["n_seeds"] == 1
     md = (out / "grid.md").read_text()
-    assert new in md and md.count("\n| resnet18 |") == 3
+    assert new in md and md.count("\n| resnet18 |") == 6          # seed means, then per seed
+    assert "one seed: no spread" in md
     for png in ("acc_vs_params.png", "acc_vs_latency.png", "relative.png"):
         assert (out / png).stat().st_size > 1000
 
@@ -97,13 +100,50 @@ def test_seed_mean_and_spread(store, tmp_path):
         log_run(client, exp, "channel", seed=seed, **{"test__acc": acc - 0.1 * seed, "model__params_nonzero": 500})
     g.build(uri, ["test_seed_mean_and_spread"], tmp_path / "rep", ui="http://localhost:5000")
     data = json.loads((tmp_path / "rep" / "grid.json").read_text())
-    m = data["mean"]["resnet18-channel-fashion_mnist-cross_entropy"]
+    m = data["cells"]["resnet18-channel-fashion_mnist-cross_entropy"]
     assert m["n_seeds"] == 2
-    assert m["acc_mean"] == pytest.approx(0.7)           # 0.8 - 0.1 and 0.9 - 0.2
-    assert m["acc_delta_pt_mean"] == pytest.approx(-15.0)
+    assert m["acc"] == pytest.approx(0.7)                # 0.8 - 0.1 and 0.9 - 0.2
+    assert m["acc_delta_pt"] == pytest.approx(-15.0)
     assert m["acc_delta_pt_std"] == pytest.approx(7.0710678, rel=1e-5)
     md = (tmp_path / "rep" / "grid.md").read_text()
     assert "Mean ± std over seeds" in md and "http://localhost:5000/#/experiments/" in md
+
+
+def test_equal_budget_reference_spread_and_marks(store, tmp_path):
+    """Deltas against the reference the run names, paired by seed; noise, speed and cap marks."""
+    uri, client, exp = store
+    for seed, base, conv in ((1, 0.80, 1), (2, 0.82, 0)):
+        log_run(client, exp, "none", seed=seed, **{"test__acc": base, "budget__epochs": 3, "train__converged": conv})
+        log_run(client, exp, "none_ft1", seed=seed, **{"test__acc": base + 0.04, "budget__epochs": 4})
+        log_run(client, exp, "channel", seed=seed, ref="none_ft1",
+                **{"test__acc": base + 0.04 + (0.01 if seed == 2 else -0.01), "budget__epochs": 4,
+                   "baseline__infer_ms": 2.0, "time__infer_ms": 1.0, "model__params_nonzero": 250})
+        log_run(client, exp, "l1_static", seed=seed, ref="none",
+                **{"test__acc": base - 0.10, "budget__epochs": 3, "baseline__infer_ms": 2.0,
+                   "time__infer_ms": 1.9 if seed == 1 else 2.1})
+    per_seed = g.build(uri, ["test_equal_budget_reference_spread_and_marks"], tmp_path / "rep", ui=None)
+    ch = per_seed[per_seed.prune == "channel"].set_index("seed")
+    assert list(ch["ref_prune"]) == ["none_ft1"] * 2 and list(ch["ref_budget_epochs"]) == [4, 4]
+    assert list(ch["acc_delta_pt"]) == pytest.approx([-1.0, 1.0])          # against none_ft1, same seed
+    assert list(ch["acc_delta_pt_vs_base"]) == pytest.approx([3.0, 5.0])    # against the plain baseline
+
+    csv = pd.read_csv(tmp_path / "rep" / "grid.csv").set_index("prune")
+    assert list(csv.index) == ["none", "none_ft1", "channel", "l1_static"]
+    assert set(SUMMARY) <= set(csv.columns) and (csv["n_seeds"] == 2).all()
+    assert (csv.loc[["channel", "l1_static"], "budget_epochs"]
+            == csv.loc[["channel", "l1_static"], "ref_budget_epochs"]).all()
+    assert csv.loc["channel", "acc_delta_pt"] == pytest.approx(0.0, abs=1e-9)
+    assert csv.loc["channel", "acc_delta_pt_std"] == pytest.approx(2 ** 0.5)
+    assert csv.loc["l1_static", "acc_delta_pt"] == pytest.approx(-10.0)
+    assert csv.loc["none", "converged"] == pytest.approx(0.5)
+
+    md = (tmp_path / "rep" / "grid.md").read_text()
+    summary = md.split("## Per seed")[0]
+    rows = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| resnet18 |")}
+    assert "accuracy within noise" in rows["channel"] and "not measurably faster" not in rows["channel"]
+    assert "within noise" not in rows["l1_static"] and "not measurably faster" in rows["l1_static"]
+    assert "hit the epoch cap (1/2 seeds)" in rows["none"]
+    assert "unequal budget" not in md
 
 
 def test_select_by_run_ids_and_grid(store, tmp_path):
@@ -141,4 +181,4 @@ def test_cli_prints_console_table(store, tmp_path, capsys):
     log_run(client, exp, "none")
     main(["--tracking-uri", uri, "--out", str(tmp_path / "rep"), "--experiment", "test_cli_prints_console_table"])
     out = capsys.readouterr().out
-    assert "resnet18" in out and "1 cells" in out
+    assert "resnet18" in out and "1 runs" in out

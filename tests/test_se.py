@@ -1,4 +1,4 @@
-"""SE-ResNets of SEEDS.md 002: the SE gate, per-stage sharing, pretrained loading, saving, pruning."""
+"""SE-ResNets of BaiNa & Joe (explainable channel attention): the SE gate, per-stage sharing, pretrained loading, saving, pruning."""
 
 from __future__ import annotations
 

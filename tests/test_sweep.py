@@ -37,7 +37,7 @@ def test_resume_after_stop_runs_only_the_rest_and_nests_runs(tmp_path, fashion_d
     assert {r.info.run_id for r in children} == {t.user_attrs[sweep.RUN_ATTR] for t in trials}
     for t, r in ((t, client.get_run(t.user_attrs[sweep.RUN_ATTR])) for t in trials):
         assert r.data.params["prune.amount"] == str(t.params["prune.amount"])
-        assert r.data.metrics["test/acc"] == pytest.approx(t.value)
+        assert r.data.metrics["val/final_acc"] == pytest.approx(t.value)   # chosen on validation, not test
     assert client.get_run(parent).info.status == "FINISHED"
     assert (tmp_path / "rep" / "resume" / "pareto.md").is_file()
 
@@ -81,6 +81,7 @@ def test_pareto_front_is_exactly_the_non_dominated_trials(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("sweep.space.prune.amount.low=0.95", "low=0.95 > high=0.9"),
     ("sweep.objectives={val/nope: maximize}", "not a run metric"),
+    ("sweep.objectives={test/acc: maximize}", "reads the test split"),
     ("sweep.space.optimizer.lr.low=0", "log scale needs low > 0"),
     ("sweep.n_trials=0", "must be a positive integer"),
     ("sweep.space.prune.amount.type=normal", "type 'normal'"),
@@ -106,7 +107,12 @@ def test_unknown_preset_and_space_key(tmp_path):
         sweep.run_sweep("l1", ["prune=none", f"sweep.storage=sqlite:///{tmp_path}/o.db"], tmp_path)
 
 
-def test_every_preset_is_valid():
-    for name in (p.stem for p in (sweep.conf_dir() / "sweep").glob("*.yaml")):
-        preset = sweep.load_preset(name)
-        sweep._check_space_keys(preset, [])
+PRESETS = sorted(p.stem for p in (sweep.conf_dir() / "sweep").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_is_valid_and_chooses_on_validation(name):
+    preset = sweep.load_preset(name)
+    sweep._check_space_keys(preset, [])
+    assert not [k for k in preset.objectives if str(k).startswith("test/")], f"{name} optimizes the test split"
+    assert any(str(k).startswith("val/") for k in preset.objectives)

@@ -22,7 +22,7 @@ class FocalLoss(nn.Module):
     """Focal loss ``-alpha * (1 - p_t)^gamma * log(p_t)``, mean over the batch.
 
     Lin et al., "Focal Loss for Dense Object Detection" (2017), as used with alpha=1, gamma=2
-    in SEEDS.md 001: it down-weights easy examples so training focuses on the hard ones.
+    in Kim (ResNet transfer learning): it down-weights easy examples so training focuses on the hard ones.
     """
 
     def __init__(self, alpha: float = 1.0, gamma: float = 2.0):

@@ -54,7 +54,7 @@ def count_nonzero_params(model: nn.Module) -> int:
 
 
 def sparsity(tensors: Iterable[torch.Tensor]) -> float:
-    """Share of exactly-zero entries over all ``tensors`` (Algorithm 1 of SEEDS.md 003)."""
+    """Share of exactly-zero entries over all ``tensors`` (Algorithm 1 of Ju & Kang (on-device lightweight methods))."""
     tensors = list(tensors)
     total = sum(t.numel() for t in tensors)
     return 0.0 if total == 0 else (total - count_nonzero(tensors)) / total

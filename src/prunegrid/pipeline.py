@@ -100,6 +100,11 @@ def output_dir(cfg: DictConfig) -> Path:
         return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def pretrained_path(cfg: DictConfig, backbone: str | None = None) -> Path:
+    """Where the grid's ``pretrain`` stage writes a backbone's source-task weights."""
+    return Path(cfg.transfer.dir) / f"{backbone or cfg.backbone.name}-{cfg.transfer.source}.pt"
+
+
 class Cell:
     """The objects of one cell and the training / evaluation steps methods may call."""
 
@@ -111,7 +116,8 @@ class Cell:
         self.data.setup()
         self.num_classes = self.data.num_classes
         self.input_size = int(cfg.dataset.input_size)
-        self.net: nn.Module = build(cfg.backbone, num_classes=self.num_classes, input_size=self.input_size)
+        weights = {"weights_path": str(pretrained_path(cfg))} if cfg.get("transfer", {}).get("source") else {}
+        self.net: nn.Module = build(cfg.backbone, num_classes=self.num_classes, input_size=self.input_size, **weights)
         self.method: PruningMethod = build(cfg.prune)
         self.loss = build(cfg.loss)
         self.optimizer = build(cfg.optimizer)
@@ -297,7 +303,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)
         _log_reports(c, tr)
-        from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (SEEDS.md 002)
+        from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (BaiNa & Joe (explainable channel attention))
         metrics.update(log_run_explanations(c, net, tr))
     _write_outputs(cfg, net, metrics, c)
     _summary(c, metrics)

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 
 
 def curves_figure(history: list[dict[str, float]]):
-    """Loss and accuracy per epoch, train and validation (SEEDS.md 001's learning curves)."""
+    """Loss and accuracy per epoch, train and validation (Kim (ResNet transfer learning)'s learning curves)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, what in zip(axes, ("loss", "acc")):
         for split in ("train", "val"):

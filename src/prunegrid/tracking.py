@@ -32,7 +32,7 @@ ONNX_METRICS = ("time/infer_ms_onnx",)
 ONNX_FILE = "model.onnx"                 # logged under ARTIFACT_MODEL_DIR
 TAG_ONNX_STATUS = "onnx_status"          # "ok", or the one-line reason the export/run failed
 SIZE_COMPRESSED = "model/size_mb_compressed"
-L1_CONV_SPARSITY = "l1/conv_sparsity"    # Algorithm 1 of SEEDS.md 003, final model
+L1_CONV_SPARSITY = "l1/conv_sparsity"    # Algorithm 1 of Ju & Kang (on-device lightweight methods), final model
 L1_BN_SPARSITY = "l1/bn_sparsity"
 L1_EPOCH_CONV_SPARSITY = "l1/epoch_conv_sparsity"  # per epoch during l1_dynamic training (step = epoch)
 L1_EPOCH_BN_SPARSITY = "l1/epoch_bn_sparsity"
@@ -83,7 +83,7 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-# Data-preparation runs (not grid cells) carry TAG_JOB; the GAN augmentation of SEEDS.md 000 logs these.
+# Data-preparation runs (not grid cells) carry TAG_JOB; the GAN augmentation of Jin & Song (Layer Importance Evaluation) logs these.
 TAG_JOB = "job"
 JOB_GAN = "gan_augment"
 GAN_LOSS_G, GAN_LOSS_D = "gan/loss_g", "gan/loss_d"            # per epoch (step = epoch)

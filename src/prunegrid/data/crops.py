@@ -1,4 +1,4 @@
-"""Letterboxed crops from detection boxes, as an ImageFolder tree (SEEDS.md 001, "ResNet transfer
+"""Letterboxed crops from detection boxes, as an ImageFolder tree (Kim (ResNet transfer learning), "ResNet transfer
 learning for surveillance": the Open Images V7 person / animal / object data pipeline).
 
 The paper reads ``detections.csv`` (image id, class id, box), keeps the wanted classes, skips
@@ -109,7 +109,7 @@ def load_options(config: str | Path | None = None, overrides: Iterable[str] = ()
 def corner_median(img: np.ndarray, corner: float) -> tuple[int, ...]:
     """Median colour of the four ``k x k`` corner regions, ``k = corner * short side`` (at least 1 px).
 
-    SEEDS.md 001 fills the letterbox with ``np.median`` over the corner colours.
+    Kim (ResNet transfer learning) fills the letterbox with ``np.median`` over the corner colours.
     """
     h, w = img.shape[:2]
     k = max(1, int(round(corner * min(h, w))))

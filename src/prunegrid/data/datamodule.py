@@ -42,8 +42,27 @@ def _targets(ds: Dataset) -> list[int]:
     return list(ds.targets)
 
 
+class Relabeled(Dataset):
+    """The images of ``base`` whose label is in ``keep``, relabelled ``0..k-1`` in ``keep``'s order
+    (a task made of some classes of a data set, e.g. a transfer-learning source or target)."""
+
+    def __init__(self, base: Dataset, keep: list[int]):
+        labels = _targets(base)
+        remap = {c: i for i, c in enumerate(keep)}
+        self.base = base
+        self.indices = [i for i, t in enumerate(labels) if t in remap]
+        self.targets = [remap[labels[i]] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, _ = self.base[self.indices[i]]
+        return img, self.targets[i]
+
+
 class ImageDataModule(L.LightningDataModule):
-    """Train / val / test loaders with the transforms of SEEDS.md 001.
+    """Train / val / test loaders with the transforms of Kim (ResNet transfer learning).
 
     Args:
         source: callable returning :class:`~prunegrid.data.sources.Splits` (a source node).
@@ -54,6 +73,10 @@ class ImageDataModule(L.LightningDataModule):
         normalize: ImageNet mean/std normalisation. Grayscale images become 3 channels.
         synthetic: extra training-only images (e.g. filtered GAN samples): a dataset, a source, or the path
             of an ImageFolder tree whose class folders are named after the classes (``prunegrid.data.gan``).
+        classes: keep only these classes (indices or names of the source), relabelled in this order;
+            ``None`` = all. Two disjoint sets make a source and a target task of one data set.
+        train_per_class: cap on training images per class after validation is carved out (seeded),
+            e.g. 800 as in Layer Importance Evaluation's fire data set; ``None`` = no cap.
         root: where the data lives (the source reads it; kept for the run's ``data_md5`` tag).
         skip_bad_images: read by the image_folder source through its YAML; accepted here so the node builds.
     """
@@ -62,7 +85,7 @@ class ImageDataModule(L.LightningDataModule):
                  val_fraction: float = 0.1, batch_size: int = 128, eval_batch_size: int | None = None,
                  num_workers: int = 0, hflip: bool = True, color_jitter: list[float] | None = None,
                  normalize: bool = True, seed: int = 0, synthetic: Any = None, root: str | None = None,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, classes: list | None = None, train_per_class: int | None = None):
         super().__init__()
         if input_size < 1:
             raise ConfigError(f"dataset.input_size={input_size} must be a positive number of pixels")
@@ -75,7 +98,13 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.seed, self.synthetic = num_workers, seed, synthetic
         self.hflip, self.color_jitter, self.normalize = hflip, color_jitter, normalize
+        if train_per_class is not None and train_per_class < 1:
+            raise ConfigError(f"dataset.train_per_class={train_per_class} must be a positive number of images (or null)")
+        if classes is not None and len(classes) < 2:
+            raise ConfigError(f"dataset.classes={list(classes)} must name at least 2 classes (or null for all)")
         self.root = root
+        self.class_filter = None if classes is None else list(classes)
+        self.train_per_class = train_per_class
         self.splits: Splits | None = None
         self.classes: list[str] = []
 
@@ -96,10 +125,36 @@ class ImageDataModule(L.LightningDataModule):
         idx = np.random.default_rng(self.seed + offset).permutation(len(ds))[: self.subset]
         return Subset(ds, sorted(idx.tolist()))
 
+    def _keep(self, names: list[str]) -> list[int]:
+        keep = []
+        for c in self.class_filter:
+            if isinstance(c, int) and 0 <= c < len(names):
+                keep.append(c)
+            elif str(c) in names:
+                keep.append(names.index(str(c)))
+            else:
+                raise ConfigError(f"dataset.classes names unknown class '{c}'; classes are 0..{len(names) - 1} "
+                                  f"or {', '.join(names)}")
+        if len(set(keep)) != len(keep):
+            raise ConfigError(f"dataset.classes={self.class_filter} names a class twice")
+        return keep
+
+    def _per_class(self, ds: Dataset) -> Dataset:
+        if self.train_per_class is None:
+            return ds
+        labels = np.asarray(_targets(ds))
+        rng = np.random.default_rng(self.seed + 4)
+        idx = [i for c in np.unique(labels) for i in rng.permutation(np.flatnonzero(labels == c))[: self.train_per_class]]
+        return Subset(ds, sorted(int(i) for i in idx))
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
         raw = self.source() if callable(self.source) else self.source
+        if self.class_filter is not None:
+            keep = self._keep(list(raw.classes))
+            raw = Splits(Relabeled(raw.train, keep), Relabeled(raw.test, keep), [raw.classes[k] for k in keep],
+                         val=None if raw.val is None else Relabeled(raw.val, keep), bad_images=raw.bad_images)
         train = raw.train
         if raw.val is None:
             order = np.random.default_rng(self.seed).permutation(len(train))
@@ -108,6 +163,7 @@ class ImageDataModule(L.LightningDataModule):
             train = Subset(train, sorted(order[n_val:].tolist()))
         else:
             val = raw.val
+        train = self._per_class(train)
         train, val, test = self._cap(train, 1), self._cap(val, 2), self._cap(raw.test, 3)
         if self.synthetic is not None:
             extra = self.synthetic() if callable(self.synthetic) else self.synthetic

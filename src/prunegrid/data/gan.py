@@ -1,4 +1,4 @@
-"""GAN augmentation with quality filtering (SEEDS.md 000, "Layer Importance Evaluation", section 3.2).
+"""GAN augmentation with quality filtering (Jin & Song, "Layer Importance Evaluation", section 3.2).
 
 The paper adds 400 GAN-generated images per class to 800 real ones, and keeps a generated image
 only if an InceptionV3 trained on the real images gives it a class distribution like the real

@@ -1,4 +1,4 @@
-"""Training-only extra images (e.g. the filtered GAN samples of SEEDS.md 000) read from an ImageFolder tree.
+"""Training-only extra images (e.g. the filtered GAN samples of Jin & Song (Layer Importance Evaluation)) read from an ImageFolder tree.
 
 ``dataset.synthetic=PATH`` points at ``PATH/<class>/*.png``; the folders are matched to the data
 set's classes *by name* (so the label indices follow the data set, not the folder order), and the

@@ -1,4 +1,4 @@
-"""Grad-CAM explanations (SEEDS.md 002): heatmaps for every run and their agreement with the baseline cell."""
+"""Grad-CAM explanations (BaiNa & Joe (explainable channel attention)): heatmaps for every run and their agreement with the baseline cell."""
 
 from prunegrid.explain.gradcam import agreement, gradcam, log_run_explanations, pearson, target_layer, top_iou
 

@@ -2,7 +2,7 @@
 
 Reads the run's ``config.yaml`` artifact (input size, normalisation, ``explain.target_layer``) and
 its final model ``model/model.pt``, explains each image's predicted class and writes one PNG
-(SEEDS.md 002's heatmaps, for images the run never saw).
+(BaiNa & Joe (explainable channel attention)'s heatmaps, for images the run never saw).
 """
 
 from __future__ import annotations

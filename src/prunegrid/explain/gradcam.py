@@ -1,6 +1,6 @@
 """Grad-CAM heatmaps for every run, and how far a lightened model still looks where its baseline looks.
 
-SEEDS.md 002 ("SE channel attention with Grad-CAM") shows Grad-CAM heatmaps (Selvaraju et al.,
+BaiNa & Joe (explainable channel attention) ("SE channel attention with Grad-CAM") shows Grad-CAM heatmaps (Selvaraju et al.,
 ICCV 2017) of the last conv stage to see which image regions a classifier uses. Here every run
 draws them for the same fixed test images (picked by ``explain.seed`` from the whole test split,
 so runs of a dataset with any ``dataset.subset`` share them) into one artifact ``gradcam.png``,

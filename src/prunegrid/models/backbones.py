@@ -3,7 +3,7 @@
 Each builder is the ``_target_`` of a YAML in ``conf/backbone/`` and takes the same options:
 ``pretrained`` (ImageNet weights through the library's normal download), ``weights_path`` (a
 local state dict of the original model, for machines without internet), ``dropout`` of the new
-head, and ``freeze`` (leading stages kept frozen; SEEDS.md 001 freezes all but the last: -1).
+head, and ``freeze`` (leading stages kept frozen; Kim (ResNet transfer learning) freezes all but the last: -1).
 """
 
 from __future__ import annotations
@@ -19,15 +19,29 @@ from prunegrid.errors import ConfigError
 from prunegrid.models.net import ClassifierHead, Net, seq
 
 
+def _read_state(weights_path: str) -> dict:
+    path = Path(weights_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"backbone.weights_path={weights_path} does not exist; give a local state dict file")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _is_net_state(state: dict) -> bool:
+    """A prunegrid :class:`Net` state dict (``paths.weights_out``), not the original library model's."""
+    return any(k.startswith("features.") for k in state)
+
+
 def _load_state(model: nn.Module, arch: str, pretrained: bool, weights_path: str | None,
                 fetch: Callable[[], dict]) -> None:
-    """Load ImageNet weights from ``weights_path`` or through the library's download."""
+    """Load ImageNet weights from ``weights_path`` or through the library's download.
+
+    A prunegrid ``Net`` state dict (a source task's weights) is loaded later, by :func:`_finish`.
+    """
     if weights_path:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"backbone.weights_path={weights_path} does not exist; give a local state dict file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = _read_state(weights_path)
+        if _is_net_state(state):
+            return
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
@@ -51,8 +65,29 @@ def _torchvision(arch: str, pretrained: bool, weights_path: str | None) -> nn.Mo
     return model
 
 
-def _finish(net: Net, *, input_size: int, min_input_size: int, freeze: int) -> Net:
-    """Check the input size fits, then freeze leading stages."""
+def _load_features(net: Net, weights_path: str | None) -> None:
+    """Transfer learning from a source task: the feature units of a saved prunegrid ``Net`` state
+    dict (its head, sized for the source classes, is replaced by this net's new head)."""
+    if not weights_path:
+        return
+    state = _read_state(weights_path)
+    if not _is_net_state(state):
+        return
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    try:
+        missing, unexpected = net.load_state_dict(features, strict=False)
+    except RuntimeError as exc:
+        raise ConfigError(f"backbone.weights_path={weights_path} does not fit {net.arch}: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    missing = [k for k in missing if k.startswith("features.")]
+    if missing or unexpected:
+        raise ConfigError(f"backbone.weights_path={weights_path} does not fit {net.arch}: "
+                          f"{len(missing)} missing, {len(unexpected)} unexpected feature tensors")
+
+
+def _finish(net: Net, *, input_size: int, min_input_size: int, freeze: int, weights_path: str | None = None) -> Net:
+    """Load a source task's feature weights if given, check the input size fits, then freeze leading stages."""
+    _load_features(net, weights_path)
     if input_size < min_input_size:
         raise ConfigError(
             f"dataset.input_size={input_size} is too small for backbone {net.arch} "
@@ -90,7 +125,8 @@ def resnet(arch: str, num_classes: int, input_size: int, pretrained: bool = Fals
             names.append(name)
         stages.append(names)
     net = Net(units, ClassifierHead(m.fc.in_features, num_classes, dropout), stages, arch, num_classes)
-    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze,
+                   weights_path=weights_path)
 
 
 def vgg(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
@@ -122,7 +158,8 @@ def vgg(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
     head = nn.Sequential(m.avgpool, nn.Flatten(), *classifier, nn.Dropout(dropout),
                          nn.Linear(m.classifier[-1].in_features, num_classes))
     net = Net(units, head, stages, arch, num_classes)
-    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze,
+                   weights_path=weights_path)
 
 
 def efficientnet(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
@@ -143,13 +180,14 @@ def efficientnet(arch: str, num_classes: int, input_size: int, pretrained: bool 
     stages[-1].append("head_conv")
     in_features = m.classifier[-1].in_features
     net = Net(units, ClassifierHead(in_features, num_classes, dropout), stages, arch, num_classes)
-    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze,
+                   weights_path=weights_path)
 
 
 def timm_xception(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
                   weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
                   min_input_size: int = 32) -> Net:
-    """timm's (legacy) Xception, the Keras model of SEEDS.md 000: entry stem, 12 blocks, exit convs."""
+    """timm's (legacy) Xception, the Keras model of Jin & Song (Layer Importance Evaluation): entry stem, 12 blocks, exit convs."""
     import timm
 
     m = timm.create_model(arch, pretrained=False)
@@ -164,16 +202,18 @@ def timm_xception(arch: str, num_classes: int, input_size: int, pretrained: bool
     units += [("exit1", seq(m.conv3, m.bn3, m.act3)), ("exit2", seq(m.conv4, m.bn4, m.act4))]
     stages = [["stem"], blocks[:3], blocks[3:11], [blocks[11], "exit1", "exit2"]]
     net = Net(units, ClassifierHead(m.num_features, num_classes, dropout), stages, arch, num_classes)
-    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze,
+                   weights_path=weights_path)
 
 
 def simple_cnn(num_classes: int, input_size: int, arch: str = "simple_cnn", pretrained: bool = False,
                weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
                channels: tuple[int, int] = (32, 64), hidden: tuple[int, int] = (256, 128),
                min_input_size: int = 8) -> Net:
-    """The small CNN of SEEDS.md 002: two conv layers, two poolings, three fully connected layers."""
-    if pretrained or weights_path:
-        raise ConfigError("simple_cnn has no ImageNet weights; set backbone.pretrained=false and backbone.weights_path=null")
+    """The small CNN of BaiNa & Joe (explainable channel attention): two conv layers, two poolings, three fully connected layers."""
+    if pretrained or (weights_path and not _is_net_state(_read_state(weights_path))):
+        raise ConfigError("simple_cnn has no ImageNet weights; set backbone.pretrained=false, and backbone.weights_path "
+                          "to null or to a source task's weights saved by prunegrid (paths.weights_out)")
     c1, c2 = channels
     units = [
         ("conv1", seq(nn.Conv2d(3, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(inplace=True))),
@@ -187,4 +227,5 @@ def simple_cnn(num_classes: int, input_size: int, arch: str = "simple_cnn", pret
         nn.Linear(h1, h2), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(h2, num_classes),
     )
     net = Net(units, head, [["conv1", "pool1"], ["conv2", "pool2"]], arch, num_classes)
-    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze,
+                   weights_path=weights_path)

@@ -16,7 +16,7 @@ from torch import nn
 
 
 class ClassifierHead(nn.Sequential):
-    """Global average pooling, dropout and a linear classifier (the head of SEEDS.md 001)."""
+    """Global average pooling, dropout and a linear classifier (the head of Kim (ResNet transfer learning))."""
 
     def __init__(self, in_features: int, num_classes: int, dropout: float = 0.3):
         super().__init__(

@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
 
 def cosine(optimizer: Optimizer, *, epochs: int, steps_per_epoch: int, t_max_fraction: float = 0.5,
            eta_min: float = 0.0) -> dict:
-    """CosineAnnealingLR stepped per epoch with ``T_max = epochs * t_max_fraction`` (SEEDS.md 001: epochs/2)."""
+    """CosineAnnealingLR stepped per epoch with ``T_max = epochs * t_max_fraction`` (Kim (ResNet transfer learning): epochs/2)."""
     t_max = max(1, round(epochs * t_max_fraction))
     return {"scheduler": CosineAnnealingLR(optimizer, T_max=t_max, eta_min=eta_min), "interval": "epoch"}
 

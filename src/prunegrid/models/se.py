@@ -1,4 +1,4 @@
-"""Squeeze-and-excitation ResNets of SEEDS.md 002 ("SE channel attention with Grad-CAM").
+"""Squeeze-and-excitation ResNets of BaiNa & Joe (explainable channel attention) ("SE channel attention with Grad-CAM").
 
 ``se_*`` puts an SE module (Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018) in every
 residual block; ``sse_*`` is the paper's s_se_ResNet50: one SE module per stage, the *same*

@@ -1,6 +1,6 @@
 """``prune=channel``: structured channel pruning that leaves a physically smaller, dense model.
 
-Unstructured sparsity (SEEDS.md 003, static/dynamic L1) keeps every tensor at full size, so a
+Unstructured sparsity (Ju & Kang (on-device lightweight methods), static/dynamic L1) keeps every tensor at full size, so a
 dense runtime is neither faster nor smaller. Removing whole output channels (filters) together
 with every input channel, BatchNorm entry and residual partner that depends on them gives a
 thinner network of ordinary dense layers. The dependency bookkeeping is torch-pruning's

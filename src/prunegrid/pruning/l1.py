@@ -1,6 +1,6 @@
-"""Static and dynamic L1-unstructured pruning of Conv2d and BatchNorm2d weights (SEEDS.md 003).
+"""Static and dynamic L1-unstructured pruning of Conv2d and BatchNorm2d weights (Ju & Kang (on-device lightweight methods)).
 
-SEEDS.md 003 ("Analysis on Lightweight Methods of On-Device AI Vision Model for Intelligent
+Ju & Kang (on-device lightweight methods) ("Analysis on Lightweight Methods of On-Device AI Vision Model for Intelligent
 Edge Computing Devices", Ju & Kang 2024) prunes the weights of every Conv2d and BatchNorm2d
 layer by L1 magnitude with ``torch.nn.utils.prune`` and compares two timings:
 
@@ -66,7 +66,7 @@ def make_permanent(net: nn.Module) -> nn.Module:
 
 
 def sparsity_metrics(net: nn.Module) -> dict[str, float]:
-    """Algorithm 1 of SEEDS.md 003 for Conv2d and BatchNorm2d weights."""
+    """Algorithm 1 of Ju & Kang (on-device lightweight methods) for Conv2d and BatchNorm2d weights."""
     return {tracking.L1_CONV_SPARSITY: measure.layer_sparsity(net, nn.Conv2d),
             tracking.L1_BN_SPARSITY: measure.layer_sparsity(net, nn.BatchNorm2d)}
 
@@ -108,7 +108,7 @@ class _L1Pruning(PruningMethod):
 
 
 class L1Static(_L1Pruning):
-    """``l1_static``: prune once before training (SEEDS.md 003, Fig. 3-4), permanent at the end.
+    """``l1_static``: prune once before training (Ju & Kang (on-device lightweight methods), Fig. 3-4), permanent at the end.
 
     The paper applies ``prune.remove`` right after pruning, before training. Training then
     updates the zeroed weights like any other (their gradient is not zero), so the model regrows
@@ -208,7 +208,7 @@ class EpochStartPruning(ModelPruning):
 
 
 class PaperDynamicPruning(Callback):
-    """Algorithm 1 of SEEDS.md 003 (dynamic): at the start of every epoch, prune ``amounts`` of
+    """Algorithm 1 of Ju & Kang (on-device lightweight methods) (dynamic): at the start of every epoch, prune ``amounts`` of
     each layer type's weights by L1 magnitude and make the pruning permanent (``prune.remove``).
 
     Training then updates the zeroed weights like any other, so they may regrow during the
@@ -242,7 +242,7 @@ class SparsityLogger(Callback):
 
 
 class L1Dynamic(_L1Pruning):
-    """``l1_dynamic``: L1 pruning at every epoch during training (SEEDS.md 003, dynamic pruning).
+    """``l1_dynamic``: L1 pruning at every epoch during training (Ju & Kang (on-device lightweight methods), dynamic pruning).
 
     Args:
         schedule: ``paper`` (default, Algorithm 1): at the start of every epoch prune ``amount``

@@ -1,4 +1,4 @@
-"""``prune=layer_importance``: Layer Importance Evaluation (SEEDS.md 000, fire detection).
+"""``prune=layer_importance``: Layer Importance Evaluation (Jin & Song, fire detection).
 
 The paper ranks the weighted layers of a trained network by a contribution score and
 rebuilds a much smaller network from the top-ranked ones:
@@ -165,6 +165,15 @@ def unit_of(layer_name: str) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == FEATURES else None
 
 
+def stage_of(net: nn.Module, unit: str | None) -> int:
+    """The stage index (0 = stem) of a unit in ``net.stages``; one past the last stage for the head."""
+    stages = getattr(net, "stages", [])
+    for i, names in enumerate(stages):
+        if unit in names:
+            return i
+    return len(stages)
+
+
 @torch.no_grad()
 def collect_activations(net: nn.Module, layers: list[tuple[str, nn.Module]],
                         batches: Iterable) -> dict[str, ActivationStats]:
@@ -195,7 +204,7 @@ def rank_layers(net: nn.Module, batches: Iterable, layer_types: Sequence[str] = 
     """The ranking table of the paper (Tables 3-6): one row per scored layer, best first.
 
     Columns: ``rank, position`` (1-based order in the model), ``layer, type, unit`` (None in
-    the head), the weight stats and ``S_w``, the activation stats and ``S_a``, ``P = S_w * S_a``,
+    the head), ``stage`` (index in ``net.stages``, 0 = stem; the head is one past the last), the weight stats and ``S_w``, the activation stats and ``S_a``, ``P = S_w * S_a``,
     ``score`` (the one ranked by; equals P for ``weight_x_activation``), ``share`` of the total
     score and ``cumulative_share``.
     """
@@ -214,6 +223,7 @@ def rank_layers(net: nn.Module, batches: Iterable, layer_types: Sequence[str] = 
                  "abs_weight_sum": lambda: abs_weight_sum(m.weight),
                  "abs_weight_activation": lambda: abs_weight_activation(m.weight, a.channel_abs_mean())}[score]()
         rows.append({"position": pos, "layer": name, "type": type(m).__name__, "unit": unit_of(name),
+                     "stage": stage_of(net, unit_of(name)),
                      "w_mean": ws.mean, "w_std": ws.std, "w_min": ws.min, "w_max": ws.max, "S_w": ws.score,
                      "a_mean": as_.mean, "a_std": as_.std, "a_min": as_.min, "a_max": as_.max, "S_a": as_.score,
                      "P": p, "score": value})
@@ -369,7 +379,7 @@ def ranking_figure(ranking: pd.DataFrame, top: int = 40, selected: int = 0, titl
 # -- the method --------------------------------------------------------------------------------
 
 class LayerImportance(PruningMethod):
-    """Rank layers by weight x activation statistics, keep the top ones, rebuild and fine-tune (SEEDS.md 000).
+    """Rank layers by weight x activation statistics, keep the top ones, rebuild and fine-tune (Jin & Song).
 
     Args:
         score: ``weight_x_activation`` (eq. 10, the paper's P), ``abs_weight_sum`` (eq. 1) or
@@ -456,7 +466,11 @@ class LayerImportance(PruningMethod):
                  ranking.head(len(chosen))[["rank", "position", "layer", "type", "S_w", "S_a", "P",
                                             "share", "cumulative_share"]].to_string(index=False))
 
+        top_stages = ranking["stage"].iloc[:len(chosen)]
+        n_stages = max(1, len(getattr(net, "stages", [])))
         m = {"top_k_share": float(ranking["share"].iloc[:len(chosen)].sum()), "kept_layers": len(chosen),
+             "top_stage_mean": float(top_stages.mean()), "top_stage_max": float(top_stages.max()),
+             "top_early_share": float((top_stages < n_stages / 2).mean()), "stages": n_stages,
              "scored_layers": len(ranking),
              "head_layers_selected": int(sum(unit_of(n) is None for n in chosen))}
         if self.ablation:

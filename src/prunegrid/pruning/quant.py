@@ -1,6 +1,6 @@
 """``prune=quant_int8``: post-training static INT8 quantization for CPU inference.
 
-Named as future work in SEEDS.md 003 (static vs dynamic L1 pruning for edge devices). Weights
+Named as future work in Ju & Kang (on-device lightweight methods) (static vs dynamic L1 pruning for edge devices). Weights
 become 8-bit integers (per-channel scales) and activations 8-bit with scales calibrated on
 training images (Jacob et al., CVPR 2018, "Quantization and Training of Neural Networks for
 Efficient Integer-Arithmetic-Only Inference"), using PyTorch's FX graph mode quantization

@@ -1,5 +1,5 @@
 """``prune=slimming``: network slimming (Liu et al., ICCV 2017, "Learning Efficient Convolutional
-Networks through Network Slimming"), named as future work in SEEDS.md 003.
+Networks through Network Slimming"), named as future work in Ju & Kang (on-device lightweight methods).
 
 Training adds an L1 penalty on every BatchNorm scale gamma (its subgradient
 ``lambda * sign(gamma)`` is added to the gammas' gradients after each backward pass), which
