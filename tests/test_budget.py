@@ -64,7 +64,7 @@ def test_scratch_method_trains_exactly_the_baselines_epochs(baseline):
 
 def test_early_stopping_marks_converged(tmp_path, fashion_dir):
     metrics, _ = _run(tmp_path, "trainer.max_epochs=5", "trainer.callbacks.early_stopping.patience=1",
-                      "trainer.callbacks.early_stopping.min_delta=100")
+                      "+trainer.callbacks.early_stopping.min_delta=100")
     assert metrics[budget.CONVERGED] == 1 and metrics[budget.EPOCHS] == 2
 
 

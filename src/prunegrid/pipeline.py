@@ -235,13 +235,15 @@ def _matched_epochs(path: str | None) -> tuple[int, int] | None:
     return budget.epochs, budget.converged
 
 
-def train_or_load(c: Cell, ctx: Context, start_net: nn.Module | None) -> nn.Module:
+def train_or_load(c: Cell, ctx: Context, start_net: nn.Module | None,
+                  matched: tuple[int, int] | None = None) -> nn.Module:
     """Step 1 of every cell: load the trained baseline, train it, or let the method shape training.
 
     A method that lightens a trained baseline (``from_baseline``) gets a plain baseline: the
     loaded ``baseline_ckpt`` (its budget carried over) or one trained here. A method that shapes
     training from scratch trains with its hooks, for exactly the baseline's epochs when
-    ``budget.match`` names the baseline's model (equal budgets), else under the trainer's settings.
+    ``matched`` (``budget.match``: the baseline's epochs and convergence) is given (equal budgets),
+    else under the trainer's settings.
     """
     cfg = c.cfg
     if start_net is not None:
@@ -255,14 +257,11 @@ def train_or_load(c: Cell, ctx: Context, start_net: nn.Module | None) -> nn.Modu
         net = c.fit(c.net, epochs)
         c.budget.converged = int(c.fits[-1].early_stopped)
         return net
-    matched = _matched_epochs(cfg.get("budget", {}).get("match"))
     net = c.method.before_fit(c.net, ctx)
     if matched is None:
         net = c.fit(net, epochs, c.method.callbacks(ctx))
         c.budget.converged = int(c.fits[-1].early_stopped)
         return net
-    if matched[0] > epochs:
-        raise ConfigError(f"budget.match asks for {matched[0]} epochs, more than trainer.max_epochs={epochs}")
     net = c.fit(net, epochs, c.method.callbacks(ctx), stop_after=matched[0])
     c.budget.converged = matched[1]
     return net
@@ -280,6 +279,10 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     baseline_net = copy.deepcopy(c.net)
     c.method.check(c.net, c.context())
     start_net = _load_baseline(c.method.baseline_ckpt, c.net, c.num_classes) if c.method.baseline_ckpt else None
+    matched = None if start_net is not None or c.method.from_baseline else _matched_epochs(cfg.budget.get("match"))
+    if matched and matched[0] > int(cfg.trainer.max_epochs):
+        raise ConfigError(f"budget.match asks for {matched[0]} epochs, more than trainer.max_epochs="
+                          f"{cfg.trainer.max_epochs}; give the grid's max_epochs")
 
     tags = {**c.cell, "git_commit": tracking.git_commit(Path(__file__).parent),
             "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running",
@@ -293,7 +296,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         if c.data.splits.bad_images:
             tr.log_metrics({"data/bad_images_skipped": c.data.splits.bad_images})
 
-        net = train_or_load(c, ctx, start_net)
+        net = train_or_load(c, ctx, start_net, matched)
         net = c.method.after_fit(net, ctx)
         if c.method.finetune_epochs:
             net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx), early_stopping=False)
