@@ -61,7 +61,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--source-subset", type=int, default=6000, help="source-task images per split")
     p.add_argument("--pretrain-epochs", type=int, default=2)
-    p.add_argument("--eval-subset", type=int, default=2000, help="target validation/test images at most")
+    p.add_argument("--eval-subset", type=int, default=1000, help="target validation/test images at most")
+    p.add_argument("--repeats", type=int, default=10, help="latency repeats (measure.repeats) of the target cells")
     p.add_argument("--cap", type=int, default=3, help="epoch cap of the target baseline (early stopping under it)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for training (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "reports" / "bench" / "transfer.json"))
@@ -78,6 +79,7 @@ def main() -> None:
     t0 = time.perf_counter()
     pretrain.pretrain({"backbones": args.backbones, "overrides": f"transfer.source={SOURCE} transfer.dir={work}/pre",
                        "pretrain": {"overrides": " ".join([*base, f"dataset.subset={args.source_subset}",
+                                                           "measure.repeats=3", "measure.warmup=1",
                                                            f"trainer.max_epochs={args.pretrain_epochs}",
                                                            f"paths.output_dir={work}/pretrain"])}})
     pretrain_s = time.perf_counter() - t0
@@ -89,6 +91,7 @@ def main() -> None:
             common = [*base, f"backbone={bb}", f"dataset={TARGET}", f"dataset.subset={args.eval_subset}",
                       f"transfer.source={SOURCE}", f"transfer.dir={work}/pre", "backbone.freeze=-1",
                       f"trainer.max_epochs={args.cap}", "trainer.callbacks.early_stopping.patience=1", f"seed={seed}",
+                      f"measure.repeats={args.repeats}",
                       f"paths.output_dir={work}/{bb}-{seed}"]
             ckpt = work / f"{bb}-{seed}-none.pt"
             none, _ = _cell(common, "prune=none", f"paths.model_out={ckpt}")
