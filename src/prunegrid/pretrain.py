@@ -34,7 +34,6 @@ def plan(grid: dict) -> tuple[str | None, str, list[str]]:
 def pretrain(grid: dict) -> list[Path]:
     """Train each grid backbone on the source task; return the weight files written."""
     from prunegrid.config import compose, options
-    from prunegrid.pipeline import pretrained_path, run
 
     source, folder, backbones = plan(grid)
     Path(folder).mkdir(parents=True, exist_ok=True)
@@ -42,6 +41,7 @@ def pretrain(grid: dict) -> list[Path]:
     if not source:
         print("prunegrid: pretrain: no transfer.source in grid.overrides; nothing to train")
         return []
+    from prunegrid.pipeline import pretrained_path, run  # torch and Lightning: only when there is work
     if source not in options("dataset"):
         raise ConfigError(f"transfer.source={source} is not a dataset option; valid: {', '.join(options('dataset'))}")
     extra = str((grid.get("pretrain") or {}).get("overrides") or "").split()
