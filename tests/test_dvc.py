@@ -55,7 +55,8 @@ def project(tmp_path_factory, fashion_dir) -> Path:
     for key, value in (("hydra.enabled", "true"), ("hydra.config_name", "grid"), ("hydra.plugins_path", "src")):
         sh(dst, sys.executable, "-m", "dvc", "config", key, value)
     method = _method(True) or _method(False)
-    sh(dst, sys.executable, "-m", "prunegrid.grid", f"grid.prunes=[none,{method}]", f"grid.overrides='{TINY}'")
+    sh(dst, sys.executable, "-m", "prunegrid.grid", f"grid.prunes=[none,{method}]", "grid.seeds=[42]",
+       f"grid.overrides='{TINY}'")
     sh(dst, sys.executable, "-m", "dvc", "add", "-q", "data")
     return dst
 
@@ -139,13 +140,15 @@ def test_class_declaration_alone_moves_a_method_between_stages(project, monkeypa
     assert f"train_from_base@resnet18-{method}-" in before and f"train_scratch@resnet18-{method}-" not in before
     monkeypatch.setattr(cls, "from_baseline", False)
     monkeypatch.chdir(project)
-    g = grid.write_params([f"grid.prunes=[none,{method}]", f"grid.overrides='{TINY}'"], project / "params.yaml")
+    g = grid.write_params([f"grid.prunes=[none,{method}]", "grid.seeds=[42]", f"grid.overrides='{TINY}'"],
+                          project / "params.yaml")
     assert g["grid"]["methods"] == {"from_baseline": [], "scratch": [method]}
     after = sh(project, sys.executable, "-m", "dvc", "stage", "list")
     assert f"train_scratch@resnet18-{method}-" in after and f"train_from_base@resnet18-{method}-" not in after
     monkeypatch.undo()
     monkeypatch.chdir(project)
-    grid.write_params([f"grid.prunes=[none,{method}]", f"grid.overrides='{TINY}'"], project / "params.yaml")
+    grid.write_params([f"grid.prunes=[none,{method}]", "grid.seeds=[42]", f"grid.overrides='{TINY}'"],
+                      project / "params.yaml")
     assert f"train_from_base@resnet18-{method}-" in sh(project, sys.executable, "-m", "dvc", "stage", "list")
 
 
