@@ -65,6 +65,22 @@ def image_tree(tmp_path_factory, fashion_dir) -> Path:
     return root
 
 
+def report_accuracy(uri: str) -> float:
+    """The accuracy line of the latest run's sklearn ``classification_report.txt`` (computed by sklearn
+    from the predictions, independently of the torchmetrics value logged as ``test/acc``)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(client.download_artifacts(run.info.run_id, "classification_report.txt", tmp)).read_text()
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("accuracy"))
+    return float(line.split()[1])
+
+
 def all_group_params():
     from prunegrid.config import GROUPS
 

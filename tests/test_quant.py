@@ -12,7 +12,7 @@ from prunegrid.errors import ConfigError
 from prunegrid.models.net import Net
 from prunegrid.pipeline import run
 from prunegrid.pruning.quant import QuantInt8, float_layers, quantize_net, quantized_layers
-from tests.conftest import tiny
+from tests.conftest import report_accuracy, tiny
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,10 @@ def test_untraceable_backbone_fails_before_training():
 
 
 def test_end_to_end(tmp_path, fashion_dir):
-    m = run(compose(tiny(tmp_path, "prune=quant_int8", "backbone=simple_cnn", "prune.calibration_batches=2")))
+    cfg = compose(tiny(tmp_path, "prune=quant_int8", "backbone=simple_cnn", "prune.calibration_batches=2"))
+    m = run(cfg)
     assert m["quant_int8/quantized_layers"] == 5 and m["quant_int8/float_layers"] == 0
     assert m["model/flops"] == m["baseline/flops"]
     assert 0 < m["model/params"] <= m["baseline/params"]
     assert abs(m["quant_int8/val_acc_int8"] - m["quant_int8/val_acc_float"]) <= 0.1
-    assert 0 <= m["test/acc"] <= 1
+    assert m["test/acc"] == pytest.approx(report_accuracy(cfg.tracking.uri), abs=5e-5)
