@@ -53,18 +53,14 @@ class EpochTimer(Callback):
         self._stop()
 
 
-class BudgetCounter(Callback):
-    """Training epochs completed and images seen in one fit (what ``budget/*`` adds up)."""
+class ImageCounter(Callback):
+    """Training images seen in one fit (``budget/images``; the epochs are the EpochTimer's)."""
 
     def __init__(self):
-        self.epochs = 0
         self.images = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.images += len(batch[1])
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.epochs += 1
 
 
 class StopAfter(Callback):
@@ -149,7 +145,7 @@ class Cell:
         images and seconds to the cell's :class:`~prunegrid.budget.Budget`.
         """
         module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
-        timer, counter = EpochTimer(), BudgetCounter()
+        timer, counter = EpochTimer(), ImageCounter()
         extra = [StopAfter(stop_after)] if stop_after else []
         trainer = self._trainer(epochs, [timer, counter, *extra, *callbacks], self.logger or False,
                                 early_stopping=early_stopping and not stop_after)
@@ -158,7 +154,7 @@ class Cell:
             trainer.fit(module, datamodule=self.data)
         stopped = any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks)
         stats = FitStats(time.perf_counter() - t0, timer.times,
-                         mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.peak_mb, counter.epochs,
+                         mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.peak_mb, len(timer.times),
                          counter.images, stopped)
         self.fits.append(stats)
         self.budget.add(stats.epochs, stats.images, stats.seconds)
