@@ -39,6 +39,7 @@ def tiny(tmp_path: Path, *extra: str) -> list[str]:
         "measure.warmup=1",
         "measure.repeats=3",
         "measure.batch_size=4",
+        "measure.memory=false",  # the fresh-process probe costs seconds; tests that read memory turn it on
         *extra,
     ]
 

@@ -20,7 +20,7 @@ def _only_run(uri: str):
 
 
 def test_run_records_every_contract_key(tmp_path, fashion_dir):
-    cfg = compose(tiny(tmp_path))
+    cfg = compose(tiny(tmp_path, "measure.memory=true", "measure.repeats=40", "measure.warmup=5"))
     metrics = run(cfg)
     client, r = _only_run(cfg.tracking.uri)
     assert r.info.status == "FINISHED"
@@ -42,6 +42,18 @@ def test_run_records_every_contract_key(tmp_path, fashion_dir):
     assert metrics["model/params"] == metrics["baseline/params"]
     assert r.data.metrics["model/sparsity"] == pytest.approx(0, abs=1e-6)
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")] == [0]
+
+    # memory is the model's own: at least resnet18's 11.2M float32 weights, far below the process's
+    assert 42 < metrics["memory/infer_peak_mb"] < 400 < metrics["memory/infer_process_peak_mb"]
+    assert r.data.tags[tracking.MEMORY_STATUS] == "ok (cpu)" and r.data.tags[tracking.TAG_MEASURE_DEVICE] == "cpu"
+    # the trained model against its dense baseline (same architecture): no speed-up, in both runtimes
+    assert metrics["speedup/infer"] == pytest.approx(1.0, abs=0.05)
+    assert metrics["speedup/infer_q25"] <= 1.0 <= metrics["speedup/infer_q75"]
+    assert metrics["speedup/infer_onnx_q25"] <= 1.0 <= metrics["speedup/infer_onnx_q75"]
+    for d in tracking.DEPLOYMENTS:
+        for rt in tracking.RUNTIMES:
+            assert metrics[tracking.infer_key(rt, d)] > 0 and tracking.speedup_key(rt, d) + "_q75" in metrics
+    assert metrics["measure/threads"] == 1 and metrics["measure/batch_batch"] == 4
 
 
 def test_epochs_are_steps(tmp_path, fashion_dir):

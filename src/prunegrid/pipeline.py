@@ -80,6 +80,7 @@ class FitStats:
     seconds: float = 0.0
     epoch_times: list[float] = field(default_factory=list)
     peak_mb: float = 0.0
+    process_peak_mb: float = 0.0
     epochs: int = 0
     images: int = 0
     early_stopped: bool = False
@@ -154,8 +155,8 @@ class Cell:
             trainer.fit(module, datamodule=self.data)
         stopped = any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks)
         stats = FitStats(time.perf_counter() - t0, timer.times,
-                         mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.peak_mb, len(timer.times),
-                         counter.images, stopped)
+                         mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.increase_mb, mem.peak_mb,
+                         len(timer.times), counter.images, stopped)
         self.fits.append(stats)
         self.budget.add(stats.epochs, stats.images, stats.seconds)
         if self.logger is not None:
@@ -343,38 +344,66 @@ def _evaluate_and_measure(c: Cell, net: nn.Module, baseline_net: nn.Module) -> d
         for name, value in zip(c.data.classes, res[kind].tolist()):
             m[tracking.class_key(kind, name)] = float(value)
 
-    mcfg = c.cfg.measure
     net.train_budget = c.budget.as_dict()
+    net, baseline_net = net.cpu(), baseline_net.cpu()
     path = measure.save_model(net, c.tracker.artifact_dir / tracking.MODEL_FILE)
     c.tracker.log_artifact(path, tracking.ARTIFACT_MODEL_DIR)
     c.model_path = path
     m.update(measure.static_metrics(net, c.input_size))
     m["model/size_mb"] = measure.file_size_mb(path)
-    speed = dict(batch_size=mcfg.batch_size, warmup=mcfg.warmup, repeats=mcfg.repeats, threads=mcfg.threads)
-    m.update(measure.speed_metrics(net, c.input_size, **speed))
     m[tracking.SIZE_COMPRESSED] = measure.compressed_size_mb(net)
-    m.update(_onnx_metrics(c, net))
     base_static = measure.static_metrics(baseline_net, c.input_size)
-    base_speed = measure.speed_metrics(baseline_net, c.input_size, **speed)
-    m.update({tracking.BASELINE_PREFIX + k.split("/", 1)[1]: v for k, v in {**base_static, **base_speed}.items()
-              if k in ("model/params", "model/flops", "time/infer_ms", "time/infer_ms_batch")})
+    m.update({tracking.BASELINE_PREFIX + k.split("/", 1)[1]: v for k, v in base_static.items()
+              if k in ("model/params", "model/flops")})
+    m.update(_latency(c, net, baseline_net))
+    m.update(_onnx_metrics(c, net, baseline_net))
+    m.update(_memory(c, path))
 
     last = c.fits[-1] if c.fits else FitStats()
     m["time/train_s"] = sum(f.seconds for f in c.fits)
     m["time/epoch_s"] = sum(last.epoch_times) / len(last.epoch_times) if last.epoch_times else 0.0
     m["memory/train_peak_mb"] = max((f.peak_mb for f in c.fits), default=0.0)
+    if c.fits:
+        m["memory/train_process_peak_mb"] = max(f.process_peak_mb for f in c.fits)
     m.update(c.budget.metrics())
     return m
 
 
-def _onnx_metrics(c: Cell, net: nn.Module) -> dict[str, float]:
-    """Export to ONNX and time it in ONNX Runtime; a model that cannot be exported (e.g. INT8)
-    records why in the ``onnx_status`` tag instead of failing the run (documented fallback)."""
+def _deployments(c: Cell) -> list[measure.Setting]:
+    mcfg = c.cfg.measure
+    return measure.settings(mcfg.threads, mcfg.get("threads_all"), mcfg.batch_size)
+
+
+def _latency(c: Cell, net: nn.Module, baseline_net: nn.Module) -> dict[str, float]:
+    """Eager latency of the final model against the dense baseline, interleaved, on ``measure.device``
+    (``auto``: the GPU when there is one and the model runs there; an INT8 model runs on the CPU)."""
+    mcfg = c.cfg.measure
+    device = measure.resolve_device(mcfg.get("device", "auto"), net, c.input_size)
+    c.tracker.set_tags({tracking.TAG_MEASURE_DEVICE: device})
+    net, baseline_net = net.to(device), baseline_net.to(device)
+    try:
+        return measure.latency_metrics(
+            lambda s: measure.compare_eager(net, baseline_net, c.input_size, s, warmup=mcfg.warmup,
+                                            repeats=mcfg.repeats), _deployments(c))
+    finally:
+        net.cpu()
+        baseline_net.cpu()
+
+
+def _onnx_metrics(c: Cell, net: nn.Module, baseline_net: nn.Module) -> dict[str, float]:
+    """The method's ONNX model (``method.to_onnx``: INT8 for quantization) timed against the dense
+    baseline's ONNX model in ONNX Runtime. A model that cannot be exported records why in the
+    ``onnx_status`` tag instead of failing the run."""
+    import tempfile
+
     mcfg = c.cfg.measure
     try:
-        onnx_path = measure.export_onnx(net, c.input_size, c.tracker.artifact_dir / tracking.ONNX_FILE)
-        ms = measure.onnx_latency_ms(onnx_path, c.input_size, warmup=mcfg.warmup, repeats=mcfg.repeats,
-                                     threads=mcfg.threads)
+        onnx_path = c.method.to_onnx(net, c.input_size, c.tracker.artifact_dir / tracking.ONNX_FILE)
+        with tempfile.TemporaryDirectory(prefix="prunegrid-onnx-") as tmp:
+            base_path = measure.export_onnx(baseline_net, c.input_size, Path(tmp) / "baseline.onnx")
+            m = measure.latency_metrics(
+                lambda s: measure.compare_onnx(onnx_path, base_path, c.input_size, s, warmup=mcfg.warmup,
+                                               repeats=mcfg.repeats), _deployments(c), runtime="_onnx")
     except Exception as exc:
         reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:500]
         log.warning("ONNX export/latency skipped: %s", reason)
@@ -382,7 +411,32 @@ def _onnx_metrics(c: Cell, net: nn.Module) -> dict[str, float]:
         return {}
     c.tracker.log_artifact(onnx_path, tracking.ARTIFACT_MODEL_DIR)
     c.tracker.set_tags({tracking.TAG_ONNX_STATUS: "ok"})
-    return {tracking.ONNX_METRICS[0]: ms}
+    m["model/size_mb_onnx"] = measure.file_size_mb(onnx_path)
+    return m
+
+
+def _memory(c: Cell, path: Path) -> dict[str, float]:
+    """``memory/infer_peak_mb``: what loading and running the saved model adds, in a fresh process
+    (the CUDA peak allocation on a GPU); the probe's absolute figures under other names."""
+    mcfg = c.cfg.measure
+    if not mcfg.get("memory", True):
+        return {}
+    device = "cpu"
+    if measure.resolve_device(mcfg.get("device", "auto")) == "cuda" and any(
+            p.is_floating_point() for p in measure.load_model(path).parameters()):
+        device = "cuda"
+    try:
+        probe = measure.model_memory(path, c.input_size, int(mcfg.batch_size), threads=mcfg.threads, device=device)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:500]
+        log.warning("memory probe failed: %s", reason)
+        c.tracker.set_tags({tracking.MEMORY_STATUS: reason})
+        return {}
+    c.tracker.set_tags({tracking.MEMORY_STATUS: f"ok ({device})"})
+    out = {"memory/infer_peak_mb": probe.get("cuda_peak_mb", probe["increase_mb"]),
+           "memory/infer_rss_increase_mb": probe["increase_mb"], "memory/infer_process_peak_mb": probe["peak_mb"],
+           "memory/infer_process_before_mb": probe["before_mb"]}
+    return out
 
 
 def _log_reports(c: Cell, tr: tracking.Tracker) -> None:

@@ -26,9 +26,28 @@ EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 TEST_METRICS = ("test/acc", "test/f1_macro", "test/loss")
 VAL_FINAL_METRICS = ("val/final_acc", "val/final_loss")  # the final model on the validation split (sweeps choose on these)
 MODEL_METRICS = ("model/params", "model/params_nonzero", "model/sparsity", "model/flops", "model/size_mb")
-TIME_METRICS = ("time/train_s", "time/epoch_s", "time/infer_ms", "time/infer_ms_batch",
+# Latency: three deployments (suffix: batch 1 on measure.threads, batch 1 on all cores, measure.batch_size on
+# all cores) in two runtimes ("" eager PyTorch, "_onnx" ONNX Runtime), each timed against the dense baseline.
+DEPLOYMENTS = ("", "_mt", "_batch")
+RUNTIMES = ("", "_onnx")
+
+
+def infer_key(runtime: str = "", deployment: str = "") -> str:
+    """``time/infer_ms{runtime}{deployment}``: median ms per image (``..._iqr``: its interquartile range)."""
+    return f"time/infer_ms{runtime}{deployment}"
+
+
+def speedup_key(runtime: str = "", deployment: str = "") -> str:
+    """``speedup/infer{runtime}{deployment}``: median round-by-round baseline / model (``_q25``, ``_q75``)."""
+    return f"speedup/infer{runtime}{deployment}"
+
+
+TIME_METRICS = ("time/train_s", "time/epoch_s", infer_key(), infer_key() + "_iqr", infer_key("", "_batch"),
+                infer_key("", "_mt"), speedup_key(), speedup_key() + "_q25", speedup_key() + "_q75",
                 "memory/infer_peak_mb", "memory/train_peak_mb")
-ONNX_METRICS = ("time/infer_ms_onnx",)
+ONNX_METRICS = (infer_key("_onnx"), speedup_key("_onnx"), infer_key("_onnx") + "_iqr")
+MEMORY_STATUS = "memory_status"          # "ok", or why the fresh-process memory probe failed
+TAG_MEASURE_DEVICE = "measure_device"    # where latency and memory were measured (cpu, cuda)
 ONNX_FILE = "model.onnx"                 # logged under ARTIFACT_MODEL_DIR
 TAG_ONNX_STATUS = "onnx_status"          # "ok", or the one-line reason the export/run failed
 SIZE_COMPRESSED = "model/size_mb_compressed"
@@ -52,9 +71,13 @@ GRID_METRICS = {"acc": "test/acc", "f1_macro": "test/f1_macro", "params": "model
                 "params_nonzero": "model/params_nonzero", "flops": "model/flops", "size_mb": "model/size_mb",
                 "train_s": "time/train_s", "epoch_s": "time/epoch_s", "infer_ms": "time/infer_ms",
                 "infer_peak_mb": "memory/infer_peak_mb", "train_peak_mb": "memory/train_peak_mb"}
-GRID_OPTIONAL_METRICS = {"infer_ms_onnx": "time/infer_ms_onnx", "cam_agreement": "explain/cam_agreement"}
+GRID_OPTIONAL_METRICS = {"infer_ms_onnx": infer_key("_onnx"), "cam_agreement": "explain/cam_agreement",
+                         "infer_ms_iqr": infer_key() + "_iqr", "infer_ms_onnx_iqr": infer_key("_onnx") + "_iqr",
+                         "size_mb_onnx": "model/size_mb_onnx"}
 GRID_BUDGET_METRICS = {"budget_epochs": "budget/epochs", "budget_images": "budget/images",
                        "converged": "train/converged", "train_total_s": "time/train_total_s"}
+# Speed-up columns (one runtime each) -> their metric; each also has _q25 / _q75 columns.
+GRID_SPEEDUPS = {f"infer_speedup{rt}{d}": speedup_key(rt, d) for rt in RUNTIMES for d in DEPLOYMENTS}
 BASELINE_INFER_MS = BASELINE_PREFIX + "infer_ms"   # the dense backbone timed in the same process
 
 ARTIFACT_CONFIG = "config.yaml"

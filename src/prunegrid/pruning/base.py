@@ -3,7 +3,8 @@
 A method is built from ``conf/prune/<name>.yaml``. The pipeline calls, in order:
 ``check`` (before any work), ``before_fit`` (change the model before training),
 ``callbacks`` (Lightning callbacks during training), ``after_fit`` (change the trained
-model), then fine-tunes for ``finetune_epochs`` if the method asks for it, and finally
+model), then fine-tunes for ``finetune_epochs`` if the method asks for it, ``to_onnx`` (the
+model ONNX Runtime should time; by default the final model exported as it is), and finally
 ``report`` (the method's own metrics; artifacts go through ``ctx.log_artifact``). Every hook
 does nothing by default, so ``none`` is a method too.
 
@@ -22,6 +23,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 from torch.utils.data import DataLoader
 
+from prunegrid import measure
 from prunegrid.budget import BASELINE, reference_name
 from prunegrid.errors import ConfigError
 
@@ -99,6 +101,10 @@ class PruningMethod:
 
     def finetune_callbacks(self, ctx: Context) -> list:
         return []
+
+    def to_onnx(self, net: nn.Module, input_size: int, path: str | Path) -> Path:
+        """The final model as ONNX Runtime runs it (default: ``net`` exported as it is)."""
+        return measure.export_onnx(net, input_size, path)
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
         return {}
