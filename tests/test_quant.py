@@ -58,7 +58,11 @@ def test_resnet18_counts_flops_size_and_reload(fashion, tmp_path):
     with torch.no_grad():
         assert nn.functional.cosine_similarity(net(test_x), q(test_x)).mean() > 0.99
     bn_scales = sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.BatchNorm2d))
-    assert measure.count_params(q) == measure.count_params(net) - bn_scales  # BN folded: its shift is the conv bias
+    int8 = sum(t.numel() for t in measure.weight_tensors(q, declared=False))
+    assert int8 == measure.count_params(net) - bn_scales  # BN folded: its shift is the conv bias
+    # quantization removes no parameter: the INT8 graphs declare the float model's counts
+    assert measure.count_params(q) == measure.count_params(net)
+    assert measure.count_nonzero_params(q) == measure.count_nonzero_params(net)
     assert measure.flops(q, 32) == measure.flops(net, 32) > 0
     f_path, q_path = measure.save_model(net, tmp_path / "f.pt"), measure.save_model(q, tmp_path / "q.pt")
     assert measure.file_size_mb(q_path) < 0.3 * measure.file_size_mb(f_path)
@@ -100,6 +104,20 @@ def test_end_to_end(tmp_path, fashion_dir):
     m = run(cfg)
     assert m["quant_int8/quantized_layers"] == 5 and m["quant_int8/float_layers"] == 0
     assert m["model/flops"] == m["baseline/flops"]
-    assert 0 < m["model/params"] <= m["baseline/params"]
+    assert m["model/params"] == m["model/params_nonzero"] == m["baseline/params"]   # quantization removes nothing
+    assert m["quant_int8/int8_zero_share"] < 0.1
+    # ONNX Runtime times its own INT8 model (onnxruntime static quantization) against the float ONNX baseline
+    import onnx
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking.uri)
+    run_id = client.search_runs([e.experiment_id for e in client.search_experiments()])[0].info.run_id
+    assert client.get_run(run_id).data.tags["onnx_status"] == "ok"
+    model = onnx.load(client.download_artifacts(run_id, "model/model.onnx", str(tmp_path)))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    assert m["time/infer_ms_onnx"] > 0 and m["baseline/infer_ms_onnx"] > 0 and "speedup/infer_onnx_q25" in m
+    assert abs(m["quant_int8/val_acc_int8_onnx"] - m["quant_int8/val_acc_float"]) <= 0.1
     assert abs(m["quant_int8/val_acc_int8"] - m["quant_int8/val_acc_float"]) <= 0.1
     assert m["test/acc"] == pytest.approx(report_accuracy(cfg.tracking.uri), abs=5e-5)
