@@ -16,8 +16,9 @@ from prunegrid.config import build, compose
 from prunegrid.errors import ConfigError
 from prunegrid.explain.__main__ import classes_from_report, main
 from prunegrid.explain.gradcam import (agreement, baseline_model, fixed_images, gradcam, log_run_explanations, pearson,
-                                       target_layer, top_iou, top_region)
+                                       target_layer, top_iou, top_region, cam_layers)
 from prunegrid.models.backbones import resnet, simple_cnn
+from prunegrid.models.net import ClassifierHead
 
 from tests.conftest import tiny
 
@@ -51,6 +52,30 @@ def test_target_layer_defaults_to_last_unit_with_a_spatial_map():
     assert target_layer(net, "features.layer2_0")[1] is net.features.layer2_0
     with pytest.raises(ConfigError, match="explain.target_layer=features.nope"):
         target_layer(net, "features.nope")
+
+
+def test_agreement_layers_need_4x4_maps_at_the_same_stage():
+    base = resnet("resnet18", num_classes=3, input_size=32)
+    # resnet18 at 32 px: stem and layer1 8x8, layer2 4x4, layer3 2x2, layer4 1x1
+    (name, layer), (b_name, _), status = cam_layers(base, base, 32)
+    assert name == b_name == "features.layer2_1" and status.startswith("ok") and "4x4" in status
+    assert cam_layers(base, base, 32, min_map=8)[1][0] == "features.layer1_1"
+
+    rebuilt = resnet("resnet18", num_classes=3, input_size=32)      # a rebuilt model: layer2_1 removed
+    rebuilt.features.layer2_1 = nn.Identity()
+    (name, _), (b_name, _), _ = cam_layers(rebuilt, base, 32)
+    assert (name, b_name) == ("features.layer2_0", "features.layer2_1")   # same 4x4 stage, other unit
+
+    shallow = resnet("resnet18", num_classes=3, input_size=32)     # nothing left at the baseline's 4x4 stage
+    for unit in ("layer2_0", "layer2_1", "layer3_0", "layer3_1", "layer4_0", "layer4_1"):
+        setattr(shallow.features, unit, nn.Identity())
+    shallow.head = ClassifierHead(64, 3)
+    (name, _), b, status = cam_layers(shallow, base, 32)
+    assert b is None and status.startswith("skipped: this model has no unit with 4x4 maps")
+    assert name == "features.layer1_1"                                # its own figure still gets a layer
+
+    (_, _), b, status = cam_layers(base, base, 32, path="features.layer3_1")   # 2x2: meaningless
+    assert b is None and "2x2 maps at 32 px, under explain.min_map=4" in status
 
 
 # -- a task where the evidence is known ---------------------------------------------------------

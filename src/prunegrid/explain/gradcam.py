@@ -9,6 +9,13 @@ maps and the maps of its ``prune=none`` cell (same backbone, dataset, loss and s
 ``explain/cam_pearson``, the mean Pearson correlation of the maps. Heatmaps come from the
 maintained ``grad-cam`` package (``pytorch_grad_cam``); both models explain the *true* class, so
 two models are compared on the same question.
+
+Agreement is only computed where it means something: on maps of at least ``explain.min_map``
+pixels a side (default 4: a 2x2 map has four cells, and any two of them "agree"), taken at the
+same spatial stage in both models. The baseline's layer is the last unit whose map is at least
+``min_map`` a side; the method's is its last unit with a map of exactly that size (a pruned or
+rebuilt model may have other unit names). Otherwise agreement is skipped and the
+``cam_agreement_status`` tag says why.
 """
 
 from __future__ import annotations
@@ -94,11 +101,28 @@ def _unit_sizes(net: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
     return sizes
 
 
-def target_layer(net: nn.Module, path: str | None = None, input_size: int | None = None) -> tuple[str, nn.Module]:
-    """The layer Grad-CAM reads: ``path`` (dotted, e.g. ``features.layer4_1``) if given, else
-    ``net.cam_layer()`` (the last non-identity unit, so rebuilt and pruned nets work), stepping
-    back to the last unit with a map larger than 1x1 where the last one has none (a ResNet at
-    32 px ends in 1x1 maps, which locate nothing)."""
+def map_size(net: nn.Module, module: nn.Module, input_size: int) -> tuple[int, int] | None:
+    """Height and width of ``module``'s output for one input of ``input_size`` pixels (``None``: not a map)."""
+    shape: list[tuple[int, ...]] = []
+    hook = module.register_forward_hook(lambda m, i, o: shape.append(tuple(o.shape)))
+    was = net.training
+    net.eval()
+    try:
+        p = next(net.parameters(), None)
+        with torch.no_grad():
+            net(torch.zeros(1, 3, input_size, input_size, device=p.device if p is not None else "cpu"))
+    finally:
+        hook.remove()
+        net.train(was)
+    return (shape[0][2], shape[0][3]) if shape and len(shape[0]) == 4 else None
+
+
+def target_layer(net: nn.Module, path: str | None = None, input_size: int | None = None, *, min_map: int = 1,
+                 size: tuple[int, int] | None = None) -> tuple[str, nn.Module]:
+    """The layer Grad-CAM reads: ``path`` (dotted, e.g. ``features.layer4_1``) if given; else, with
+    ``input_size``, the last feature unit whose map is exactly ``size`` (when given) or at least
+    ``min_map`` pixels a side and larger than 1x1; else ``net.cam_layer()`` (the last non-identity
+    unit, so rebuilt and pruned nets work)."""
     if path:
         try:
             return path, net.get_submodule(path)
@@ -112,11 +136,37 @@ def target_layer(net: nn.Module, path: str | None = None, input_size: int | None
     names = {id(u): n for n, u in net.features.named_children()}
     if input_size is not None:
         sizes = _unit_sizes(net, input_size)
-        for name, unit in reversed(list(net.features.named_children())):
-            shape = sizes.get(name, ())
-            if not isinstance(unit, nn.Identity) and len(shape) == 4 and shape[2] * shape[3] > 1:
-                return f"features.{name}", unit
+        units = [(n, u, sizes.get(n, ())) for n, u in reversed(list(net.features.named_children()))
+                 if not isinstance(u, nn.Identity)]
+        maps = [(n, u, shape[2:]) for n, u, shape in units if len(shape) == 4]
+        for want in ([lambda hw: hw == tuple(size)] if size else
+                     [lambda hw: min(hw) >= min_map and hw[0] * hw[1] > 1, lambda hw: hw[0] * hw[1] > 1]):
+            for name, unit, hw in maps:
+                if want(tuple(hw)):
+                    return f"features.{name}", unit
     return f"features.{names.get(id(last), '?')}", last
+
+
+def cam_layers(net: nn.Module, base: nn.Module | None, input_size: int, path: str | None = None,
+               min_map: int = 4) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module] | None, str]:
+    """The layers whose Grad-CAM maps are compared: the baseline's (at least ``min_map`` a side) and
+    the model's at the same spatial size. Returns the model's layer, the baseline's layer (``None``
+    when agreement is skipped) and a status (``ok: ...`` or ``skipped: <why>``)."""
+    if base is None:
+        return target_layer(net, path, input_size, min_map=min_map), None, "skipped: no baseline model"
+    b_name, b_layer = target_layer(base, path, input_size, min_map=min_map)
+    b_hw = map_size(base, b_layer, input_size)
+    if b_hw is None or min(b_hw) < min_map:
+        own = target_layer(net, path, input_size, min_map=min_map)
+        got = "no spatial map" if b_hw is None else f"{b_hw[0]}x{b_hw[1]} maps"
+        return own, None, (f"skipped: the baseline's {b_name} gives {got} at {input_size} px, under explain.min_map="
+                           f"{min_map}; set explain.target_layer to an earlier unit")
+    name, layer = target_layer(net, path, input_size, size=b_hw)
+    hw = map_size(net, layer, input_size)
+    if hw != b_hw:
+        return (name, layer), None, (f"skipped: this model has no unit with {b_hw[0]}x{b_hw[1]} maps "
+                                     f"(the stage of the baseline's {b_name})")
+    return (name, layer), (b_name, b_layer), f"ok: {name} vs baseline {b_name}, {hw[0]}x{hw[1]} maps"
 
 
 def gradcam(net: nn.Module, images: torch.Tensor, layer: nn.Module,
@@ -241,7 +291,15 @@ def explain_run(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float
         raise ConfigError("Grad-CAM needs a float model with gradients; this model has no float parameters (int8?)")
     x, labels, _ = fixed_images(c.data, int(ecfg.get("n_images", 8)), int(ecfg.get("seed", 0)))
     path = ecfg.get("target_layer")
-    name, layer = target_layer(net, path, c.input_size)
+    if c.cell["prune"] == BASELINE_PRUNE:
+        base, source = net, "baseline cell (agreement with itself)"
+    else:
+        base, source = baseline_model(c, tr)
+    (name, layer), base_layer, status = cam_layers(net, base, c.input_size, path, int(ecfg.get("min_map", 4)))
+    if base is None:
+        status = source
+    elif status.startswith("ok"):
+        status = f"{status}; {source.removeprefix('ok: ')}"
     maps, logits = gradcam(net, x, layer, labels)
     preds = logits.argmax(1).tolist()
 
@@ -255,18 +313,11 @@ def explain_run(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float
 
     close(fig)
 
-    if c.cell["prune"] == BASELINE_PRUNE:
-        base_maps, status = maps, "ok: baseline cell (agreement with itself)"
-    else:
-        base, status = baseline_model(c, tr)
-        base_maps = None
-        if base is not None:
-            _, base_layer = target_layer(base, path, c.input_size)
-            base_maps, _ = gradcam(base, x, base_layer, labels)
     tr.set_tags({tracking.TAG_CAM_AGREEMENT_STATUS: status})
-    if base_maps is None:
+    if base_layer is None:
         log.warning("explain/cam_agreement %s", status)
         return {}
+    base_maps = maps if base is net else gradcam(base, x, base_layer[1], labels)[0]
     iou, r = agreement(maps, base_maps)
     metrics = {tracking.CAM_AGREEMENT: iou, tracking.CAM_PEARSON: r}
     tr.log_metrics(metrics)
