@@ -87,7 +87,7 @@ def test_relative_columns_on_known_runs(store, tmp_path):
     assert data["seeds"]["resnet18-channel-fashion_mnist-cross_entropy-s42"]["acc_delta_pt"] == pytest.approx(-5.0)
     assert data["cells"]["resnet18-channel-fashion_mnist-cross_entropy"]["n_seeds"] == 1
     md = (out / "grid.md").read_text()
-    assert new in md and md.count("\n| resnet18 |") == 6          # seed means, then per seed
+    assert new in md and md.count("\n| resnet18 |") == 3 + 2 + 3  # seed means, speed-ups of the 2 methods, per seed
     assert "one seed: no spread" in md
     for png in ("acc_vs_params.png", "acc_vs_latency.png", "relative.png"):
         assert (out / png).stat().st_size > 1000
@@ -138,7 +138,7 @@ def test_equal_budget_reference_spread_and_marks(store, tmp_path):
     assert csv.loc["none", "converged"] == pytest.approx(0.5)
 
     md = (tmp_path / "rep" / "grid.md").read_text()
-    summary = md.split("## Per seed")[0]
+    summary = md.split("## Speed-ups")[0]
     rows = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| resnet18 |")}
     assert "accuracy within noise" in rows["channel"] and "not measurably faster" not in rows["channel"]
     assert "within noise" not in rows["l1_static"] and "not measurably faster" in rows["l1_static"]
@@ -182,3 +182,40 @@ def test_cli_prints_console_table(store, tmp_path, capsys):
     main(["--tracking-uri", uri, "--out", str(tmp_path / "rep"), "--experiment", "test_cli_prints_console_table"])
     out = capsys.readouterr().out
     assert "resnet18" in out and "1 runs" in out
+
+
+def test_speedups_show_their_spread_and_marks_within_one_runtime(store, tmp_path):
+    """Each speed-up is the run's paired median with quartiles; the mark reads the interval, per runtime."""
+    uri, client, exp = store
+    cases = {  # prune: (eager median, q25, q75), (onnx median, q25, q75)
+        "channel": ((1.30, 1.20, 1.40), (1.10, 1.02, 1.18)),    # faster in both
+        "l1_static": ((1.02, 0.97, 1.06), (0.99, 0.95, 1.03)),  # identical-looking: noise
+        "quant_int8": ((4.0, 3.8, 4.2), (0.80, 0.75, 0.85)),    # fast in eager, slower in ONNX Runtime
+    }
+    for seed in (1, 2):
+        log_run(client, exp, "none", seed=seed, **{"speedup__infer": 1.0, "speedup__infer_q25": 0.98,
+                                                   "speedup__infer_q75": 1.02})
+        for prune, (eager, onnx) in cases.items():
+            metrics = {}
+            for key, (med, q25, q75) in (("speedup__infer", eager), ("speedup__infer_onnx", onnx)):
+                metrics.update({key: med, f"{key}_q25": q25, f"{key}_q75": q75})
+            log_run(client, exp, prune, seed=seed, ref="none", time__infer_ms=5.0, baseline__infer_ms=5.0,
+                    time__infer_ms_onnx=1.0, **metrics)
+    g.build(uri, [exp_name(client, exp)], tmp_path / "rep")
+    csv = pd.read_csv(tmp_path / "rep" / "grid.csv").set_index("prune")
+    # the run's own paired speed-up, not infer_ms ratios (5.0 / 5.0 would read 1.00x)
+    assert csv.loc["quant_int8", "infer_speedup"] == pytest.approx(4.0)
+    assert csv.loc["quant_int8", "infer_speedup_onnx_q75"] == pytest.approx(0.85)
+    md = (tmp_path / "rep" / "grid.md").read_text()
+    summary, speedups = md.split("## Per seed")[0].split("## Speed-ups")
+    rows = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| resnet18 |")}
+    assert "1.30x ± 0.00 [1.20, 1.40]" in rows["channel"] and "1.10x ± 0.00 [1.02, 1.18]" in rows["channel"]
+    assert "not measurably" not in rows["channel"] and "slower" not in rows["channel"]
+    assert "not measurably faster (eager)" in rows["l1_static"] and "not measurably faster (onnx)" in rows["l1_static"]
+    assert "measurably slower (onnx)" in rows["quant_int8"] and "(eager)" not in rows["quant_int8"]
+    assert "not measurably" not in rows["none"]
+    assert "4.00x ± 0.00 [3.80, 4.20]" in speedups and "| eager | onnx | notes |" in speedups
+
+
+def exp_name(client, exp_id):
+    return client.get_experiment(exp_id).name

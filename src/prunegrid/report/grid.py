@@ -13,14 +13,19 @@ with rows of the same backbone, dataset, loss and seed:
   parameters, so unstructured sparsity counts; ``params`` (dense) shows whether tensors shrank.
 - ``flops_reduction_pct = 100 * (1 - flops / none.flops)``
 - ``epoch_speedup = none.epoch_s / epoch_s`` (the epochs this run trained last).
-- ``infer_speedup = baseline_infer_ms / infer_ms``, where ``baseline_infer_ms`` is the dense
-  backbone timed in the same process (``baseline/infer_ms``); runs without it use the none
-  cell's ``infer_ms``.
+- ``infer_speedup`` (eager PyTorch) and ``infer_speedup_onnx`` (ONNX Runtime): the run's own
+  ``speedup/infer*`` metric, the median of round-by-round ratios of the dense baseline's time to
+  the model's, timed in interleaved rounds in the same process, with its quartiles
+  (``infer_speedup_q25``, ``infer_speedup_q75``). ``_mt`` and ``_batch`` variants are batch 1 on all
+  cores and the benchmark batch. Speed-ups never compare across runtimes. Runs logged before
+  these metrics existed fall back to ``baseline/infer_ms / infer_ms`` (no quartiles).
 
 ``grid.csv`` has one row per cell over seeds: each numeric column is the mean, ``<col>_std`` its
 standard deviation, with ``n_seeds``; ``grid_seeds.csv`` has the per-seed rows. The markdown
-marks a delta smaller than its spread "within noise", a speed-up whose mean ± std includes 1.0
-"not measurably faster", rows whose baseline hit the epoch cap, and unequal budgets.
+marks a delta smaller than its spread "within noise", a speed-up whose interval includes 1.0
+"not measurably faster" (the interval spans the runs' interquartile range of paired ratios and the
+mean ± std over seeds), one wholly below 1.0 "measurably slower", rows whose baseline hit the epoch
+cap, and unequal budgets.
 """
 
 from __future__ import annotations
@@ -44,9 +49,12 @@ BUDGET = ["budget_epochs", "budget_images", "converged", "ref_prune", "ref_budge
 RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "acc_delta_pt_vs_base", "epoch_speedup",
             "infer_speedup"]
 OPTIONAL = list(tracking.GRID_OPTIONAL_METRICS)
+SPEEDUPS = list(tracking.GRID_SPEEDUPS)  # infer_speedup, infer_speedup_mt, ..., infer_speedup_onnx_batch
+QUARTILES = ("_q25", "_q75")
 FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "acc_vs_params.png", "acc_vs_latency.png",
          "relative.png")
-NOISE, NOT_FASTER, CAP, UNEQUAL = "within noise", "not measurably faster", "hit the epoch cap", "unequal budget"
+NOISE, NOT_FASTER, SLOWER, CAP, UNEQUAL = ("within noise", "not measurably faster", "measurably slower",
+                                          "hit the epoch cap", "unequal budget")
 
 
 class ReportError(ConfigError):
@@ -102,10 +110,14 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
     out["acc_delta_pt_vs_base"] = 100 * (out["acc"] - b["b_acc"])
     out["epoch_speedup"] = _ratio(b["b_epoch_s"], out["epoch_s"])
     base_ms = out["_baseline_infer_ms"].where(out["_baseline_infer_ms"] > 0, b["b_infer_ms"])
-    out["infer_speedup"] = _ratio(base_ms, out["infer_ms"])
+    for col, key in tracking.GRID_SPEEDUPS.items():
+        for q in ("", *QUARTILES):
+            out[col + q] = pd.to_numeric(cells[key + q], errors="coerce") if key + q in cells else np.nan
+    out["infer_speedup"] = out["infer_speedup"].fillna(_ratio(base_ms, out["infer_ms"]))
 
+    speedups = [c + q for c in SPEEDUPS for q in ("", *QUARTILES) if c + q not in RELATIVE and out[c + q].notna().any()]
     optional = [c for c in OPTIONAL + ["train_total_s"] if out[c].notna().any()]
-    out = out[BASE_COLUMNS + BUDGET + RELATIVE + optional + ["run_id", "experiment_id"]]
+    out = out[BASE_COLUMNS + BUDGET + RELATIVE + speedups + optional + ["run_id", "experiment_id"]]
     return _ordered(out, ["_s"], _s=pd.to_numeric(out["seed"], errors="coerce"))
 
 
@@ -180,7 +192,7 @@ def _fmt(col: str, v) -> str:
         return f"{v:.4f}" if col != "converged" else f"{v:.2f}"
     if col.endswith("_pct") or col.startswith("acc_delta_pt"):
         return f"{v:+.1f}"
-    if col.endswith("speedup"):
+    if "speedup" in col:
         return f"{v:.2f}x"
     if col.endswith("budget_epochs"):
         return f"{v:.3g}"
@@ -192,6 +204,40 @@ def _pm(col: str, mean, std) -> str:
     if text and std is not None and not (isinstance(std, float) and np.isnan(std)):
         text += f" ± {_fmt(col, std).lstrip('+').rstrip('x')}"
     return text
+
+
+def _speedup_text(r: pd.Series, col: str) -> str:
+    """``1.23x ± 0.05 [1.10, 1.35]``: mean over seeds ± std, [mean first quartile, mean third quartile]."""
+    text = _pm(col, r.get(col), r.get(f"{col}_std"))
+    q25, q75 = r.get(f"{col}_q25", np.nan), r.get(f"{col}_q75", np.nan)
+    if text and np.isfinite(q25) and np.isfinite(q75):
+        text += f" [{q25:.2f}, {q75:.2f}]"
+    return text
+
+
+def speedup_interval(r: pd.Series, col: str) -> tuple[float, float]:
+    """The interval a speed-up is judged by: the run's interquartile range of paired ratios (mean
+    over seeds) widened to the mean ± std over seeds."""
+    m, sd = r.get(col, np.nan), r.get(f"{col}_std", np.nan)
+    lo = [v for v in (r.get(f"{col}_q25", np.nan), m - sd if np.isfinite(sd) else np.nan, m) if np.isfinite(v)]
+    hi = [v for v in (r.get(f"{col}_q75", np.nan), m + sd if np.isfinite(sd) else np.nan, m) if np.isfinite(v)]
+    return (min(lo), max(hi)) if lo and hi else (np.nan, np.nan)
+
+
+def speed_mark(r: pd.Series, col: str) -> str | None:
+    """``not measurably faster`` when the interval includes 1.0, ``measurably slower`` when it lies below."""
+    if col not in r or not np.isfinite(r[col]):
+        return None
+    lo, hi = speedup_interval(r, col)
+    if hi < 1.0:
+        return SLOWER
+    return NOT_FASTER if lo <= 1.0 else None
+
+
+def _deployment(col: str) -> str:
+    runtime = "onnx" if "_onnx" in col else "eager"
+    where = {"_mt": ", batch 1 all cores", "_batch": ", benchmark batch"}
+    return runtime + next((v for k, v in where.items() if col.endswith(k)), "")
 
 
 def _link(run_id: str, exp_id: str, ui: str | None) -> str:
@@ -212,12 +258,11 @@ def notes(r: pd.Series) -> list[str]:
         if np.isfinite(r["budget_epochs"]) and np.isfinite(r["ref_budget_epochs"]) \
                 and r["budget_epochs"] != r["ref_budget_epochs"]:
             out.append(UNEQUAL)
-    for col in ("infer_speedup", "infer_speedup_onnx"):
-        if col in r and np.isfinite(r[col]) and not is_baseline_family(r["prune"]):
-            sd = r.get(f"{col}_std", np.nan)
-            lo, hi = (r[col] - sd, r[col] + sd) if np.isfinite(sd) else (r[col], r[col])
-            if lo <= 1.0 <= hi or r[col] <= 1.0:
-                out.append(f"{NOT_FASTER}{' (onnx)' if col.endswith('onnx') else ''}")
+    if r["prune"] != BASELINE:
+        for col in ("infer_speedup", "infer_speedup_onnx"):
+            mark = speed_mark(r, col)
+            if mark:
+                out.append(f"{mark} ({_deployment(col)})")
     if np.isfinite(r.get("converged", np.nan)) and r["converged"] < 1:
         out.append(f"{CAP} ({int(round((1 - r['converged']) * n))}/{n} seeds)")
     return out
@@ -225,7 +270,37 @@ def notes(r: pd.Series) -> list[str]:
 
 SUMMARY = ["n_seeds", "budget_epochs", "ref_prune", "ref_budget_epochs", "converged", "acc", "acc_delta_pt",
            "acc_delta_pt_vs_base", "params_nonzero", "params_reduction_pct", "flops_reduction_pct", "epoch_speedup",
-           "infer_ms", "infer_speedup", "infer_ms_onnx", "train_s", "size_mb", "train_peak_mb", "cam_agreement"]
+           "infer_ms", "infer_speedup", "infer_ms_onnx", "infer_speedup_onnx", "train_s", "train_total_s", "size_mb",
+           "infer_peak_mb", "train_peak_mb", "cam_agreement"]
+
+
+def _summary_value(r: pd.Series, c: str) -> str:
+    if c in ("n_seeds", "ref_prune"):
+        return str(r[c])
+    if c in SPEEDUPS:
+        return _speedup_text(r, c)
+    if c in ("infer_ms", "infer_ms_onnx") and np.isfinite(r.get(f"{c}_iqr", np.nan)):
+        return f"{_pm(c, r[c], r.get(f'{c}_std'))} (IQR {r[f'{c}_iqr']:.2g})"
+    return _pm(c, r[c], r.get(f"{c}_std"))
+
+
+def speedup_table(means: pd.DataFrame) -> list[str]:
+    """Markdown lines: every speed-up of every method with its spread and mark, one runtime per column."""
+    cols = [c for c in SPEEDUPS if c in means.columns and means[c].notna().any()]
+    rows_ = means[means["prune"] != BASELINE]
+    if not cols or rows_.empty:
+        return []
+    lines = ["", "## Speed-ups by runtime and deployment", "",
+             "Round-by-round ratio of the dense baseline's latency to the model's, timed interleaved in one process "
+             "and one runtime: mean over seeds ± std [mean first quartile, mean third quartile]. Edge: batch 1 on "
+             "`measure.threads`; all cores: batch 1 on every core; batch: `measure.batch_size` on every core.", "",
+             "| " + " | ".join(GROUP_KEYS[:2] + [_deployment(c) for c in cols] + ["notes"]) + " |",
+             "|" + "---|" * (len(cols) + 3)]
+    for _, r in rows_.iterrows():
+        marks = [f"{m} ({_deployment(c)})" for c in cols if (m := speed_mark(r, c))]
+        lines.append("| " + " | ".join([str(r["backbone"]), str(r["prune"])] + [_speedup_text(r, c) for c in cols]
+                                       + ["; ".join(marks)]) + " |")
+    return lines
 
 
 def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None) -> str:
@@ -234,14 +309,18 @@ def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None) -> 
              "Mean ± std over seeds, one row per cell. `acc_delta_pt` compares with the equal-budget reference "
              "`ref_prune` (a `prune=none` model trained for the same total epochs, same seed); "
              "`acc_delta_pt_vs_base` with the plain baseline. Size, FLOPs and speed columns compare with the `none` "
-             "cell; `infer_speedup` times the dense baseline in the same process. Differences inside their spread "
-             f"are marked \"{NOISE}\", speed-ups whose mean ± std includes 1.0 \"{NOT_FASTER}\"; `converged` is "
-             "the share of seeds whose baseline training was ended by early stopping (the rest hit the epoch cap). "
-             "See `prunegrid.report.grid`.", "",
+             "cell; `infer_speedup` (eager PyTorch) and `infer_speedup_onnx` (ONNX Runtime) time the model against "
+             "the dense baseline in interleaved rounds in one process, batch 1 on `measure.threads` threads, shown as "
+             "mean ± std over seeds [first, third quartile of the paired ratios]; `infer_ms` shows its interquartile "
+             "range. `infer_peak_mb` is the memory the model adds when loaded and run in a fresh process. Differences "
+             f"inside their spread are marked \"{NOISE}\", speed-ups whose interval includes 1.0 \"{NOT_FASTER}\", "
+             f"below 1.0 \"{SLOWER}\"; `converged` is the share of seeds whose baseline training was ended by early "
+             "stopping (the rest hit the epoch cap). See `prunegrid.report.grid`.", "",
              "| " + " | ".join(GROUP_KEYS + cols + ["notes"]) + " |", "|" + "---|" * (len(GROUP_KEYS) + len(cols) + 1)]
     for _, r in means.iterrows():
-        vals = [str(r[c]) if c in ("n_seeds", "ref_prune") else _pm(c, r[c], r.get(f"{c}_std")) for c in cols]
+        vals = [_summary_value(r, c) for c in cols]
         lines.append("| " + " | ".join([str(r[k]) for k in GROUP_KEYS] + vals + ["; ".join(notes(r))]) + " |")
+    lines += speedup_table(means)
     per = [c for c in grid.columns if c != "experiment_id"]
     lines += ["", "## Per seed", "", "| " + " | ".join(per) + " |", "|" + "---|" * len(per)]
     for _, r in grid.iterrows():
@@ -324,11 +403,13 @@ def to_json(grid: pd.DataFrame, means: pd.DataFrame) -> dict:
 
 
 def console(means: pd.DataFrame) -> str:
-    cols = ["n_seeds", "budget_epochs", "ref_prune", "acc", "acc_delta_pt", "params_reduction_pct", "infer_speedup"]
+    cols = ["n_seeds", "budget_epochs", "ref_prune", "acc", "acc_delta_pt", "params_reduction_pct", "infer_speedup",
+            "infer_speedup_onnx"]
+    cols = [c for c in cols if c in means.columns]
     shown = means[GROUP_KEYS[:2] + cols].copy()
     for c in cols:
         if c not in ("n_seeds", "ref_prune"):
-            shown[c] = [_pm(c, m, s) for m, s in zip(means[c], means.get(f"{c}_std", [np.nan] * len(means)))]
+            shown[c] = [_summary_value(r, c) for _, r in means.iterrows()]
     return shown.to_string(index=False)
 
 
