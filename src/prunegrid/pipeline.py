@@ -328,7 +328,8 @@ def _write_outputs(cfg: DictConfig, net: nn.Module, metrics: dict[str, float], c
 
 def _summary(c: Cell, m: dict[str, float]) -> None:
     keys = ["test/acc", "test/f1_macro", "model/params", "model/params_nonzero", "model/flops", "model/size_mb",
-            "time/train_s", "time/epoch_s", "time/infer_ms", "memory/train_peak_mb"]
+            "time/train_s", "time/epoch_s", "time/infer_ms", "speedup/infer", "time/infer_ms_onnx",
+            "speedup/infer_onnx", "memory/infer_peak_mb", "memory/train_peak_mb"]
     width = max(map(len, keys))
     lines = [f"{k:<{width}}  {m[k]:,.4g}" if abs(m[k]) < 1e5 else f"{k:<{width}}  {m[k]:,.0f}" for k in keys if k in m]
     print(f"\nprunegrid: {tracking.run_name(c.cell)} -> run {c.tracker.run_id} in {c.tracker.uri}")
