@@ -83,11 +83,16 @@ def agreement(maps_a: Sequence[np.ndarray], maps_b: Sequence[np.ndarray],
 
 
 # -- target layer and heatmaps ----------------------------------------------------------------
-def _unit_sizes(net: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
-    """Output shape of each feature unit for one input of ``input_size`` pixels."""
-    sizes: dict[str, tuple[int, ...]] = {}
-    hooks = [u.register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, tuple(o.shape)))
-             for n, u in net.features.named_children()]
+def _output_shapes(net: nn.Module, modules: dict[str, nn.Module], input_size: int) -> dict[str, tuple[int, ...]]:
+    """Output shape of each of ``modules`` (by name) for one input of ``input_size`` pixels."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:  # returns None: the output is left unchanged
+            shapes.setdefault(name, tuple(output.shape))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in modules.items()]
     was = net.training
     net.eval()
     try:
@@ -98,23 +103,18 @@ def _unit_sizes(net: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
         for h in hooks:
             h.remove()
         net.train(was)
-    return sizes
+    return shapes
+
+
+def _unit_sizes(net: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
+    """Output shape of each feature unit for one input of ``input_size`` pixels."""
+    return _output_shapes(net, dict(net.features.named_children()), input_size)
 
 
 def map_size(net: nn.Module, module: nn.Module, input_size: int) -> tuple[int, int] | None:
     """Height and width of ``module``'s output for one input of ``input_size`` pixels (``None``: not a map)."""
-    shape: list[tuple[int, ...]] = []
-    hook = module.register_forward_hook(lambda m, i, o: shape.append(tuple(o.shape)))
-    was = net.training
-    net.eval()
-    try:
-        p = next(net.parameters(), None)
-        with torch.no_grad():
-            net(torch.zeros(1, 3, input_size, input_size, device=p.device if p is not None else "cpu"))
-    finally:
-        hook.remove()
-        net.train(was)
-    return (shape[0][2], shape[0][3]) if shape and len(shape[0]) == 4 else None
+    shape = _output_shapes(net, {"m": module}, input_size).get("m", ())
+    return (shape[2], shape[3]) if len(shape) == 4 else None
 
 
 def target_layer(net: nn.Module, path: str | None = None, input_size: int | None = None, *, min_map: int = 1,

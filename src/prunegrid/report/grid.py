@@ -258,7 +258,7 @@ def notes(r: pd.Series) -> list[str]:
         if np.isfinite(r["budget_epochs"]) and np.isfinite(r["ref_budget_epochs"]) \
                 and r["budget_epochs"] != r["ref_budget_epochs"]:
             out.append(UNEQUAL)
-    if r["prune"] != BASELINE:
+    if not is_baseline_family(r["prune"]):
         for col in ("infer_speedup", "infer_speedup_onnx"):
             mark = speed_mark(r, col)
             if mark:
@@ -293,11 +293,13 @@ def speedup_table(means: pd.DataFrame) -> list[str]:
     lines = ["", "## Speed-ups by runtime and deployment", "",
              "Round-by-round ratio of the dense baseline's latency to the model's, timed interleaved in one process "
              "and one runtime: mean over seeds ± std [mean first quartile, mean third quartile]. Edge: batch 1 on "
-             "`measure.threads`; all cores: batch 1 on every core; batch: `measure.batch_size` on every core.", "",
+             "`measure.threads`; all cores: batch 1 on every core; batch: `measure.batch_size` on every core. "
+             "Reference rows (`none_ftF`: the baseline's architecture) show the measurement's noise.", "",
              "| " + " | ".join(GROUP_KEYS[:2] + [_deployment(c) for c in cols] + ["notes"]) + " |",
              "|" + "---|" * (len(cols) + 3)]
     for _, r in rows_.iterrows():
-        marks = [f"{m} ({_deployment(c)})" for c in cols if (m := speed_mark(r, c))]
+        marks = [] if is_baseline_family(r["prune"]) else [
+            f"{m} ({_deployment(c)})" for c in cols if (m := speed_mark(r, c))]
         lines.append("| " + " | ".join([str(r["backbone"]), str(r["prune"])] + [_speedup_text(r, c) for c in cols]
                                        + ["; ".join(marks)]) + " |")
     return lines
