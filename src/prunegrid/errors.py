@@ -11,3 +11,8 @@ class ConfigError(PrunegridError):
 
 class DataError(PrunegridError):
     """The data set cannot be used as configured (missing dir, empty class, bad image)."""
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message``, for a tag or a warning that records why a step was skipped."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:limit]

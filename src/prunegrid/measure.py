@@ -192,15 +192,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _status_mb() -> dict[str, float]:
-    """``VmRSS`` and ``VmHWM`` (the kernel's resident high-water mark) of this process, in MiB (Linux)."""
-    out = {}
+def _peak_rss_mb() -> float:
+    """``VmHWM``, the kernel's resident high-water mark of this process, in MiB (Linux)."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) / 1024
-    return out
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def reset_peak_rss() -> bool:
@@ -255,7 +250,7 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self._kernel:
-            self.peak_mb = max(self.peak_mb, _status_mb().get("VmHWM", 0.0))
+            self.peak_mb = max(self.peak_mb, _peak_rss_mb())
         else:
             self._stop.set()
             self._thread.join()
@@ -542,19 +537,14 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 def onnx_latency_ms(path: str | Path, input_size: int, batch_size: int = 1, *, warmup: int = 10, repeats: int = 50,
                     threads: int | None = None, channels: int = 3) -> float:
-    """Median wall time of one ONNX Runtime (CPU) run per image, in ms, like :func:`latency_ms`."""
+    """Median wall time of one ONNX Runtime (CPU) run per image, in ms, like :func:`latency_ms` (one model
+    alone; the grid uses :func:`compare_onnx`)."""
     import numpy as np
 
     sess = onnx_session(path, threads)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch_size, channels, input_size, input_size)).astype(np.float32)
-    for _ in range(warmup):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
+    (times,) = interleaved([lambda: sess.run(None, {name: x})], repeats, warmup)
     return statistics.median(times) * 1000.0 / batch_size
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from prunegrid import measure, plots, tracking
 from prunegrid.budget import TAG_REF_PRUNE, Budget
 from prunegrid.config import build, cell, flatten
-from prunegrid.errors import ConfigError
+from prunegrid.errors import ConfigError, one_line
 from prunegrid.models.module import Classifier
 from prunegrid.pruning.base import Context, PruningMethod
 
@@ -356,9 +356,11 @@ def _evaluate_and_measure(c: Cell, net: nn.Module, baseline_net: nn.Module) -> d
     base_static = measure.static_metrics(baseline_net, c.input_size)
     m.update({tracking.BASELINE_PREFIX + k.split("/", 1)[1]: v for k, v in base_static.items()
               if k in ("model/params", "model/flops")})
-    m.update(_latency(c, net, baseline_net))
+    device = measure.resolve_device(c.cfg.measure.get("device", "auto"), net, c.input_size)
+    c.tracker.set_tags({tracking.TAG_MEASURE_DEVICE: device})
+    m.update(_latency(c, net, baseline_net, device))
     m.update(_onnx_metrics(c, net, baseline_net))
-    m.update(_memory(c, path))
+    m.update(_memory(c, path, device))
 
     last = c.fits[-1] if c.fits else FitStats()
     m["time/train_s"] = sum(f.seconds for f in c.fits)
@@ -375,12 +377,11 @@ def _deployments(c: Cell) -> list[measure.Setting]:
     return measure.settings(mcfg.threads, mcfg.get("threads_all"), mcfg.batch_size)
 
 
-def _latency(c: Cell, net: nn.Module, baseline_net: nn.Module) -> dict[str, float]:
-    """Eager latency of the final model against the dense baseline, interleaved, on ``measure.device``
-    (``auto``: the GPU when there is one and the model runs there; an INT8 model runs on the CPU)."""
+def _latency(c: Cell, net: nn.Module, baseline_net: nn.Module, device: str) -> dict[str, float]:
+    """Eager latency of the final model against the dense baseline, interleaved, on ``device``
+    (``measure.device``, ``auto``: the GPU when there is one and the model runs there; an INT8
+    model runs on the CPU)."""
     mcfg = c.cfg.measure
-    device = measure.resolve_device(mcfg.get("device", "auto"), net, c.input_size)
-    c.tracker.set_tags({tracking.TAG_MEASURE_DEVICE: device})
     net, baseline_net = net.to(device), baseline_net.to(device)
     try:
         return measure.latency_metrics(
@@ -406,7 +407,7 @@ def _onnx_metrics(c: Cell, net: nn.Module, baseline_net: nn.Module) -> dict[str,
                 lambda s: measure.compare_onnx(onnx_path, base_path, c.input_size, s, warmup=mcfg.warmup,
                                                repeats=mcfg.repeats), _deployments(c), runtime="_onnx")
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:500]
+        reason = one_line(exc)
         log.warning("ONNX export/latency skipped: %s", reason)
         c.tracker.set_tags({tracking.TAG_ONNX_STATUS: reason})
         return {}
@@ -416,20 +417,17 @@ def _onnx_metrics(c: Cell, net: nn.Module, baseline_net: nn.Module) -> dict[str,
     return m
 
 
-def _memory(c: Cell, path: Path) -> dict[str, float]:
-    """``memory/infer_peak_mb``: what loading and running the saved model adds, in a fresh process
-    (the CUDA peak allocation on a GPU); the probe's absolute figures under other names."""
+def _memory(c: Cell, path: Path, device: str) -> dict[str, float]:
+    """``memory/infer_peak_mb``: what loading and running the saved model adds, in a fresh process,
+    on the device its latency was timed on (the CUDA peak allocation on a GPU); the probe's absolute
+    figures under other names."""
     mcfg = c.cfg.measure
     if not mcfg.get("memory", True):
         return {}
-    device = "cpu"
-    if measure.resolve_device(mcfg.get("device", "auto")) == "cuda" and any(
-            p.is_floating_point() for p in measure.load_model(path).parameters()):
-        device = "cuda"
     try:
         probe = measure.model_memory(path, c.input_size, int(mcfg.batch_size), threads=mcfg.threads, device=device)
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:500]
+        reason = one_line(exc)
         log.warning("memory probe failed: %s", reason)
         c.tracker.set_tags({tracking.MEMORY_STATUS: reason})
         return {}

@@ -33,7 +33,7 @@ from torch.utils.data import Subset
 
 from prunegrid import measure, tracking
 from prunegrid.budget import BASELINE
-from prunegrid.errors import ConfigError
+from prunegrid.errors import ConfigError, one_line
 
 log = logging.getLogger("prunegrid")
 
@@ -333,7 +333,7 @@ def log_run_explanations(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[s
     try:
         return explain_run(c, net, tr)
     except Exception as exc:
-        detail = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:500]
+        detail = one_line(exc)
         log.warning("Grad-CAM step failed: %s", detail)
         tr.set_tags({tracking.TAG_EXPLAIN_STATUS: detail})
         return {}
