@@ -1,33 +1,112 @@
-"""Command-line helpers: bad input ends in one line naming the fix, exit code 2."""
+"""Command-line helpers: bad input ends in one line naming the fix, exit code 2.
+
+Every entry point parses with :class:`ArgumentParser` (``--help`` as usual; a usage mistake is one line
+``prunegrid: error: ...`` on stderr and exit code 2, no usage dump) and runs its work under :func:`guard`
+(a :class:`PrunegridError` or a bad Hydra override ends the same way, no stack trace)::
+
+    def main(argv=None):
+        args = ArgumentParser(prog="python -m prunegrid.x", description="...").parse_args(argv)
+        with guard():
+            ...
+
+A ``main`` that returns its exit code (``prunegrid.data.crops``, ``prunegrid.data.gan``) returns
+:func:`error_line` for an error that :func:`is_user_error` accepts instead.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from prunegrid.errors import PrunegridError
 
+EXIT_USAGE = 2
+# Hydra's errors about the overrides themselves (bad syntax, unknown key, missing config option); not
+# InstantiationException, which wraps errors raised by our own code.
+HYDRA_USER_ERRORS = ("ConfigCompositionException", "OverrideParseException", "MissingConfigException")
 
-def fail(exc: BaseException) -> None:
-    print(f"prunegrid: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-    sys.exit(2)
+
+def message(exc: BaseException | str) -> str:
+    """One line: the first paragraph of the message (at most two lines, joined), else the exception's type."""
+    text = str(exc).strip()
+    first = text.split("\n\n")[0].splitlines()[:2] if text else []
+    return " ".join(line.strip() for line in first) or type(exc).__name__
+
+
+def error_line(exc: BaseException | str) -> int:
+    """Print ``prunegrid: error: <message>`` on stderr; return the exit code (2), for a ``main`` that returns it."""
+    print(f"prunegrid: error: {message(exc)}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def fail(exc: BaseException | str) -> NoReturn:
+    """:func:`error_line`, then exit with code 2."""
+    sys.exit(error_line(exc))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line and exit 2 (``--help`` unchanged)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def key_value(text: str) -> str:
+    """argparse ``type`` of a ``key=value`` override (OmegaConf dotlist): a usage error unless it reads as one."""
+    from omegaconf import OmegaConf
+
+    key, sep, _ = text.partition("=")
+    try:
+        ok = bool(sep and key.strip(".") and OmegaConf.from_dotlist([text]))
+    except Exception:  # the value is not YAML (e.g. an unclosed [ )
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"'{text}' is not key=value with a YAML value")
+    return text
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A :class:`PrunegridError`, or Hydra's complaint about an override (not an error of our own code)."""
+    if isinstance(exc, PrunegridError):
+        return True
+    hydra_errors = sys.modules.get("hydra.errors")  # not imported: the error cannot be Hydra's
+    return hydra_errors is not None and isinstance(
+        exc, tuple(getattr(hydra_errors, name) for name in HYDRA_USER_ERRORS if hasattr(hydra_errors, name)))
 
 
 def precheck(argv: list[str]) -> None:
-    """Check ``group=option`` overrides before Hydra composes anything."""
-    from prunegrid.config import check_overrides
+    """Check ``train.py``'s flags and overrides before Hydra runs: a mistake is one line, exit 2.
 
-    try:
-        check_overrides(a for a in argv if not a.startswith("-"))
-    except PrunegridError as exc:
-        fail(exc)
+    Unknown flags, unknown ``group=option`` values, and (for a single run of the default config)
+    everything Hydra's composition rejects: unknown keys, bad override syntax.
+    """
+    overrides, compose_too = [a for a in argv if not a.startswith("-")], False
+    try:  # Hydra's own flags, with our one-line error (private API: skip the check if it moves)
+        from hydra._internal.utils import get_args_parser
+    except ImportError:
+        pass
+    else:
+        parser = get_args_parser()
+        parser.error = lambda msg: fail(f"{msg} (see python train.py --help)")  # type: ignore[method-assign]
+        ns = parser.parse_args(argv)
+        overrides = ns.overrides
+        compose_too = not (ns.multirun or ns.config_path or ns.config_name or ns.config_dir)
+    from prunegrid.config import check_overrides, compose
+
+    with guard():
+        check_overrides(overrides)
+        if compose_too:
+            compose(overrides)
 
 
 @contextmanager
 def guard() -> Iterator[None]:
-    """Turn :class:`PrunegridError` (also when raised inside a worker) into a one-line exit."""
+    """Turn a user error (:func:`is_user_error`, also when raised inside a worker) into a one-line exit 2."""
     try:
         yield
-    except PrunegridError as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
         fail(exc)

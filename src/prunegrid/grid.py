@@ -22,7 +22,6 @@ Reading a method's class (to learn ``from_baseline``) imports that class, on dem
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from prunegrid.budget import BASELINE, reference_name
+from prunegrid.cli import ArgumentParser, guard
 from prunegrid.errors import ConfigError
 
 LISTS = {"backbones": "backbone", "prunes": "prune", "datasets": "dataset", "losses": "loss"}
@@ -196,19 +196,13 @@ def write_params(overrides: list[str] = (), output: str | Path = PARAMS_FILE) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from prunegrid.cli import fail
-    from prunegrid.errors import PrunegridError
-
-    parser = argparse.ArgumentParser(description="Write params.yaml (the grid lists for dvc.yaml) from conf/grid.yaml.")
+    parser = ArgumentParser(prog="python -m prunegrid.grid",
+                            description="Write params.yaml (the grid lists for dvc.yaml) from conf/grid.yaml.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.seeds=[1,2,3] +experiment=paper_grid")
-    parser.add_argument("--output", default=PARAMS_FILE)
+    parser.add_argument("--output", default=PARAMS_FILE, help=f"file to write (default: {PARAMS_FILE})")
     args = parser.parse_args(argv)
-    try:
+    with guard():  # also Hydra's errors about the overrides (unknown key, bad syntax)
         data = write_params(args.overrides, args.output)
-    except PrunegridError as exc:
-        fail(exc)
-    except Exception as exc:  # Hydra composition errors (unknown key, bad override syntax)
-        fail(ConfigError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
     grid = data["grid"]
     n = len(cells(grid))
     print(f"{args.output}: {n} cells = {len(grid['backbones'])} backbones x "

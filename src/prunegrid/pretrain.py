@@ -12,13 +12,12 @@ takes the ImageNet weights instead.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import yaml
 
-from prunegrid.cli import fail
-from prunegrid.errors import ConfigError, PrunegridError
+from prunegrid.cli import ArgumentParser, guard
+from prunegrid.errors import ConfigError
 
 README = "Source-task weights written by `python -m prunegrid.pretrain` (the grid's pretrain stage).\n"
 
@@ -57,11 +56,11 @@ def pretrain(grid: dict) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Train the grid's backbones on the transfer source task (grid.overrides' "
-                                "transfer.source), for the cells to start from.")
+    p = ArgumentParser(prog="python -m prunegrid.pretrain", description="Train the grid's backbones on the transfer "
+                       "source task (grid.overrides' transfer.source), for the cells to start from.")
     p.add_argument("--params", default="params.yaml", help="the grid's params.yaml (python -m prunegrid.grid writes it)")
     args = p.parse_args(argv)
-    try:
+    with guard():
         path = Path(args.params)
         if not path.is_file():
             raise ConfigError(f"--params {path} not found; write it with `python -m prunegrid.grid`")
@@ -69,8 +68,6 @@ def main(argv: list[str] | None = None) -> None:
         if not grid:
             raise ConfigError(f"{path} has no `grid` section; write it with `python -m prunegrid.grid`")
         pretrain(grid)
-    except PrunegridError as exc:
-        fail(exc)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Any preset key can be overridden with ``sweep.<key>=...`` on the command line.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from prunegrid import tracking
+from prunegrid.cli import ArgumentParser, guard
 from prunegrid.config import build, compose, conf_dir
 from prunegrid.errors import ConfigError
 
@@ -318,18 +318,17 @@ def write_summary(study: optuna.Study, keys: list[str], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from prunegrid.cli import guard
-
-    p = argparse.ArgumentParser(prog="python -m prunegrid.sweep", description="Optuna sweep of one method: "
-                                "sweep=<preset in conf/sweep/> [sweep.<key>=...] [config overrides...]")
-    p.add_argument("args", nargs="+", help="sweep=<preset> then overrides (sweep.n_trials=5, trainer.max_epochs=2)")
-    p.add_argument("--out", default="reports/sweeps")
+    p = ArgumentParser(prog="python -m prunegrid.sweep", description="Optuna sweep of one method: "
+                       "sweep=<preset in conf/sweep/> [sweep.<key>=...] [config overrides...]")
+    p.add_argument("args", nargs="+", metavar="ARG",
+                   help="sweep=<preset> then overrides (sweep.n_trials=5, trainer.max_epochs=2)")
+    p.add_argument("--out", default="reports/sweeps", help="output folder (default: reports/sweeps)")
     p.add_argument("--max-new-trials", type=int, default=None, help="stop this process after N new trials")
     a = p.parse_args(argv)
     names = [x.split("=", 1)[1] for x in a.args if x.startswith("sweep=")]
+    if len(names) != 1:
+        p.error("name one preset: sweep=<name> (conf/sweep/<name>.yaml)")
     with guard():
-        if len(names) != 1:
-            raise ConfigError("name one preset: python -m prunegrid.sweep sweep=<name> (conf/sweep/<name>.yaml)")
         study = run_sweep(names[0], [x for x in a.args if not x.startswith("sweep=")], a.out, a.max_new_trials)
     print(f"prunegrid: sweep {study.study_name}: {complete(study)} complete trials -> "
           f"{Path(a.out) / study.study_name / 'pareto.md'}")

@@ -25,7 +25,6 @@ considered, with its status) and ``OUT/summary.json`` (the counts).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import zlib
@@ -312,15 +311,17 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m prunegrid.data.crops", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Options of the YAML can be overridden as key=value (e.g. size=224 min_box=48).")
+    """Exit code 0, or 2 after one line ``prunegrid: error: ...`` (returned; a usage error raises ``SystemExit(2)``)."""
+    from prunegrid.cli import ArgumentParser, error_line, is_user_error, key_value
+
+    p = ArgumentParser(prog="python -m prunegrid.data.crops", description=__doc__.split("\n\n")[0],
+                       epilog="Options of the YAML can be overridden as key=value (e.g. size=224 min_box=48).")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="crops YAML (classes map and options)")
     p.add_argument("--detections", help="detections CSV: ImageID, LabelName, XMin, XMax, YMin, YMax (fractions)")
     p.add_argument("--classes", dest="class_descriptions", help="class descriptions CSV (LabelName,DisplayName)")
     p.add_argument("--images", help="directory of source images <ImageID>.jpg")
     p.add_argument("--out", help="output directory (ImageFolder tree train/ test/, manifest.csv, summary.json)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the YAML options")
+    p.add_argument("overrides", nargs="*", type=key_value, help="key=value overrides of the YAML options")
     args = p.parse_args(argv)
     try:
         raw = OmegaConf.load(args.config) if Path(args.config).is_file() else OmegaConf.create()
@@ -328,11 +329,16 @@ def main(argv: list[str] | None = None) -> int:
         missing = [k for k, v in paths.items() if not v]
         if missing:
             raise ConfigError(f"missing {', '.join('--' + ('classes' if m == 'class_descriptions' else m) for m in missing)}")
-        opts = load_options(args.config, args.overrides)
+        try:
+            opts = load_options(args.config, args.overrides)
+        except (TypeError, ValueError) as exc:  # a value of the wrong type (size=abc): the checks compare numbers
+            raise ConfigError(f"an option has a value of the wrong type ({exc}); check {args.config} and the "
+                              "key=value overrides") from None
         summary = make_crops(paths["detections"], paths["class_descriptions"], paths["images"], paths["out"], opts)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        return error_line(exc)
     print(summary_line(summary))
     for w in summary.get("warnings", []):
         print(f"warning: {w}")

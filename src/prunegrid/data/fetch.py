@@ -10,14 +10,15 @@ torchvision's download (other bytes: ``dvc status`` will then show the data as c
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from prunegrid.cli import ArgumentParser, guard
 from prunegrid.data.sources import FASHION_MNIST_FILES
+from prunegrid.errors import DataError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = [f for pair in FASHION_MNIST_FILES.values() for f in pair]
@@ -78,7 +79,7 @@ def from_torchvision(dest: Path) -> bool:
 
 
 def fetch(dest: Path, project_root: Path) -> str:
-    """Put the four Fashion-MNIST files in ``dest``; return where they came from."""
+    """Put the four Fashion-MNIST files in ``dest``; return where they came from (:class:`DataError` if no source works)."""
     if _complete(dest):
         return "already present"
     if (project_root / "data.dvc").is_file() and _run([sys.executable, "-m", "dvc", "pull", "-q", "data.dvc"], cwd=project_root) \
@@ -92,8 +93,8 @@ def fetch(dest: Path, project_root: Path) -> str:
     dest.mkdir(parents=True, exist_ok=True)
     if from_torchvision(dest):
         return "torchvision download (bytes differ from data.dvc)"
-    raise SystemExit("prunegrid: cannot get Fashion-MNIST: no DVC remote, no Debian package and no internet; "
-                     f"copy the four *-ubyte.gz files into {dest}")
+    raise DataError("cannot get Fashion-MNIST: no DVC remote, no Debian package and no internet; "
+                    f"copy the four *-ubyte.gz files into {dest}")
 
 
 def sync_dvc_cache(project_root: Path) -> None:
@@ -103,13 +104,14 @@ def sync_dvc_cache(project_root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m prunegrid.data.fetch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=".", help="project root (holds data.dvc)")
     parser.add_argument("--dest", default=None, help="target dir (default ROOT/data/fashion_mnist)")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
     dest = Path(args.dest) if args.dest else root / "data" / "fashion_mnist"
-    origin = fetch(dest, root)
+    with guard():
+        origin = fetch(dest, root)
     sync_dvc_cache(root)
     print(f"Fashion-MNIST in {dest} ({origin})")
 

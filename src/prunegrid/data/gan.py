@@ -28,7 +28,6 @@ experiment, in a run tagged ``job=gan_augment`` (names in :mod:`prunegrid.tracki
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -420,20 +419,26 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m prunegrid.data.gan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="key=value overrides the YAML options; dataset=..., dataset.x=..., paths.x=..., "
-                                       "tracking.x=... choose the data set like train.py.")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="GAN YAML (conf/gan/default.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = p.parse_args(argv)
-    from prunegrid.errors import PrunegridError
+    """Exit code 0, or 2 after one line ``prunegrid: error: ...`` (returned; a usage error raises ``SystemExit(2)``)."""
+    from prunegrid.cli import ArgumentParser, error_line, is_user_error, key_value
 
+    p = ArgumentParser(prog="python -m prunegrid.data.gan", description=__doc__.split("\n\n")[0],
+                       epilog="key=value overrides the YAML options; dataset=..., dataset.x=..., paths.x=..., "
+                              "tracking.x=... choose the data set like train.py.")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="GAN YAML (conf/gan/default.yaml)")
+    p.add_argument("overrides", nargs="*", type=key_value, help="key=value overrides")
+    args = p.parse_args(argv)
     try:
-        summary = augment(load_options(args.config, args.overrides))
-    except PrunegridError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        try:
+            opts = load_options(args.config, args.overrides)
+        except (TypeError, ValueError) as exc:  # a value of the wrong type (epochs=abc): the checks compare numbers
+            raise ConfigError(f"an option has a value of the wrong type ({exc}); check {args.config} and the "
+                              "key=value overrides") from None
+        summary = augment(opts)
+    except Exception as exc:  # a PrunegridError, or Hydra's complaint about a dataset=... override
+        if not is_user_error(exc):
+            raise
+        return error_line(exc)
     print(summary_line(summary))
     print(f"kept images: {Path(summary['options']['out'])}  (train with dataset.synthetic=<that dir>)")
     return 0

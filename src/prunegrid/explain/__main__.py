@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from prunegrid.cli import ArgumentParser, guard
 from prunegrid.errors import ConfigError, DataError
 
 
@@ -29,8 +30,8 @@ def classes_from_report(text: str, n: int) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prunegrid.explain",
-                                description="Draw Grad-CAM heatmaps of a logged run's model on the images you name.")
+    p = ArgumentParser(prog="python -m prunegrid.explain",
+                       description="Draw Grad-CAM heatmaps of a logged run's model on the images you name.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     p.add_argument("--run-id", required=True, help="MLflow run id of a prunegrid run (it must have model/model.pt)")
     p.add_argument("--tracking-uri", default=None,
@@ -108,8 +109,6 @@ def explain_images(run_id: str, images: list[str], out: str | None = None, track
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prunegrid.cli import guard
-
     args = parser().parse_args(argv)
     with guard():
         out = explain_images(args.run_id, args.images, args.out, args.tracking_uri, args.target_layer)

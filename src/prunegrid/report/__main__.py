@@ -6,16 +6,14 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from prunegrid.cli import fail
-from prunegrid.errors import PrunegridError
+from prunegrid.cli import ArgumentParser, guard
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="prunegrid-report", description="Write the comparison grid (CSV, Markdown, "
-                                "JSON, plots) from the MLflow runs.")
+    p = ArgumentParser(prog="prunegrid-report", description="Write the comparison grid (CSV, Markdown, JSON, plots) "
+                       "from the MLflow runs (also: python -m prunegrid.report).")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--experiment", action="append", default=None, help="experiment name(s) to read (default: all)")
     p.add_argument("--out", default="reports", help="output folder")
@@ -23,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--params", default=None, help="only the cells of this params.yaml's `grid` section")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI address for the run links ('' for bare ids)")
     args = p.parse_args(argv)
-    try:
+    with guard():
         import yaml
 
         from prunegrid.report import grid as g
@@ -37,8 +35,6 @@ def main(argv: list[str] | None = None) -> None:
             if not grid:
                 raise g.ReportError(f"{args.params} has no `grid` section; write it with `python -m prunegrid.grid`")
         table = g.build(args.tracking_uri, args.experiment, args.out, ids, grid, args.ui or None)
-    except PrunegridError as exc:
-        fail(exc)
     print(g.console(g.seed_means(table)))
     print(f"\nprunegrid: {len(table)} runs -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, plots)")
 
