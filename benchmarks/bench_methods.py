@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from prunegrid import tracking  # noqa: E402
+from prunegrid.pruning import l1  # noqa: E402
 from prunegrid.config import compose, options  # noqa: E402
 
 OUT = ROOT / "reports" / "bench" / "methods.json"
@@ -199,8 +200,8 @@ def main() -> None:
             print(f"  note {r['label']}: status {r['status']} {r['status_detail'] or ''} onnx: {r['onnx_status']}")
 
     print("\n## Static vs dynamic L1 (Ju & Kang (on-device lightweight methods)), same final sparsity target\n")
-    keys = [("test/acc", "{:.4f}"), ("d_acc_pt", "{:+.2f}"), (tracking.L1_CONV_SPARSITY, "{:.3f}"),
-            (tracking.L1_BN_SPARSITY, "{:.3f}"), ("l1/fit_conv_sparsity", "{:.3f}"), ("rr/infer_ms", "{:.2f}"),
+    keys = [("test/acc", "{:.4f}"), ("d_acc_pt", "{:+.2f}"), (l1.L1_CONV_SPARSITY, "{:.3f}"),
+            (l1.L1_BN_SPARSITY, "{:.3f}"), ("l1/fit_conv_sparsity", "{:.3f}"), ("rr/infer_ms", "{:.2f}"),
             ("rr/infer_ms_onnx", "{:.2f}"), ("time/infer_ms", "{:.2f}"), (tracking.ONNX_METRICS[0], "{:.2f}"),
             ("memory/infer_peak_mb", "{:.0f}"), ("memory/train_peak_mb", "{:.0f}"), ("time/epoch_s", "{:.1f}")]
     pair = [r for lab in ("none", "l1_static", "l1_dynamic", "l1_static_literal") for r in rows if r["label"] == lab]

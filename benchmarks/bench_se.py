@@ -51,7 +51,8 @@ def cam_figure(models: dict, args, path: Path) -> dict[str, dict[str, float]]:
 
     cfg = compose([f"paths.data_dir={ROOT / 'data'}", f"dataset.subset={args.subset}"])
     data = build(cfg.dataset, seed=args.seed)
-    x, labels, _ = fixed_images(data, args.images, seed=0)
+    data.setup()
+    x, labels, _ = fixed_images(data.full_test, data.transform(False), args.images, seed=0)
     rgb = display_images(x)
     maps, preds, layers = {}, {}, {}
     for name, net in models.items():

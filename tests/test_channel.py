@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -45,15 +47,17 @@ def test_pruned_net_is_smaller_keeps_shape_and_trains(backbone, importance, glob
             m.weight.data.uniform_(0.1, 1.0)
     x = torch.randn(2, 3, 32, 32)
     before = measure.static_metrics(net, 32)
+    width = net.contract.units[-1].out_shape[0]
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
     out = prune_channels(net, importance=importance, ratio=0.5, global_pruning=global_pruning, max_layer_ratio=0.9,
-                         input_size=32, batches=batches)
+                         input_size=32, batches=batches, loss=nn.CrossEntropyLoss())
     after = measure.static_metrics(out, 32)
     assert out is net and isinstance(net, Net) and net.num_classes == 10 and net.arch
     assert net.eval()(x).shape == (2, 10)
     assert after["model/params"] < 0.6 * before["model/params"]
     assert after["model/flops"] < 0.6 * before["model/flops"]
-    assert net.cam_layer() is list(net.features)[-1]
+    declared = net.contract.units[-1].out_shape
+    assert declared == tuple(net.features(x).shape[1:]) and declared[0] < width     # the contract was re-declared
     assert all(p.grad is None for p in net.parameters())
     assert torch.isfinite(torch.tensor(_train_step(net)))
 
@@ -81,20 +85,36 @@ def test_frozen_stages_stay_frozen():
     net = _net("resnet18")
     net.freeze(1)
     prune_channels(net, importance="taylor", ratio=0.5, global_pruning=False, max_layer_ratio=0.9, input_size=32,
-                   batches=[(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))])
+                   batches=[(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))], loss=nn.CrossEntropyLoss())
+    assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)     # the frozen stem stayed in its residual group
     assert not any(p.requires_grad for p in net.features.stem.parameters())
     assert all(p.requires_grad for p in net.features.layer4_1.parameters())
 
 
-def test_bn_sparsity_callback_adds_l1_subgradient():
-    bn = nn.BatchNorm2d(4)
-    bn.weight.data = torch.tensor([0.5, -0.2, 1.0, -3.0])
-    module = nn.Sequential(nn.Conv2d(3, 4, 1), bn)
-    module(torch.randn(2, 3, 4, 4)).sum().backward()
+def test_taylor_importance_reads_the_cells_own_loss():
+    calls = []
+
+    def loss(logits, y):
+        calls.append(len(y))
+        return nn.functional.cross_entropy(logits, y)
+
+    batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))) for _ in range(3)]
+    prune_channels(_net("simple_cnn"), importance="taylor", ratio=0.5, global_pruning=False, max_layer_ratio=0.9,
+                   input_size=32, batches=batches, loss=loss)
+    assert calls == [2, 2, 2]
+
+
+def test_bn_sparsity_callback_adds_l1_subgradient_to_every_bn_scale():
+    net = _net("simple_cnn")
+    bn = net.features.conv1[1]
+    bn.weight.data = torch.linspace(-1, 1, bn.num_features)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
     grad = bn.weight.grad.clone()
-    BNSparsity(0.1).on_after_backward(None, module)
-    assert torch.allclose(bn.weight.grad - grad, 0.1 * torch.tensor([1.0, -1.0, 1.0, -1.0]))
-    assert bn_scales(module).tolist() == pytest.approx([0.5, -0.2, 1.0, -3.0])
+    callback = BNSparsity(0.1, 32)
+    callback.attach(net)
+    callback.on_after_backward(None, SimpleNamespace(net=net))
+    assert torch.allclose(bn.weight.grad - grad, 0.1 * torch.sign(bn.weight.detach()))
+    assert bn_scales(net)[:bn.num_features].tolist() == pytest.approx(torch.linspace(-1, 1, bn.num_features).tolist())
 
 
 @pytest.mark.parametrize("overrides", [
@@ -108,15 +128,20 @@ def test_bad_options_raise(overrides):
         build(compose(overrides.split()).prune)
 
 
-@pytest.mark.parametrize("override", [
-    "prune.ratio=0.97 prune.max_layer_ratio=0.98",  # would leave none of simple_cnn's 32 first-layer channels
-    "prune.ratio=0.7 prune.max_layer_ratio=0.6",
-])
-def test_ratio_emptying_a_layer_raises_before_training(tmp_path, fashion_dir, override):
-    cfg = compose(tiny(tmp_path, "prune=channel", "backbone=simple_cnn", *override.split()))
-    with pytest.raises(ConfigError, match="prune"):
+def test_ratio_above_the_layer_cap_raises_before_training(tmp_path, fashion_dir):
+    cfg = compose(tiny(tmp_path, "prune=channel", "backbone=simple_cnn", "prune.ratio=0.7", "prune.max_layer_ratio=0.6"))
+    with pytest.raises(ConfigError, match="prune.ratio=0.7 is above prune.max_layer_ratio=0.6"):
         run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_no_layer_is_emptied_even_when_the_ratio_would(global_pruning):
+    net = _net("resnet18")   # 0.97 of 64 channels is 62.08: one layer's whole share rounds to all of it
+    prune_channels(net, importance="l1", ratio=0.97, global_pruning=global_pruning, max_layer_ratio=0.98,
+                   input_size=32)
+    assert min(m.out_channels for m in prunable_layers(net).values() if isinstance(m, nn.Conv2d)) >= 1
+    assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
 @pytest.mark.parametrize("method,extra", [("channel", "prune.importance=taylor"), ("slimming", "prune.sparsity_lambda=0.01")])

@@ -18,7 +18,7 @@ from prunegrid.explain.__main__ import classes_from_report, main
 from prunegrid.explain.gradcam import (agreement, baseline_model, fixed_images, gradcam, log_run_explanations, pearson,
                                        target_layer, top_iou, top_region, cam_layers)
 from prunegrid.models.backbones import resnet, simple_cnn
-from prunegrid.models.net import ClassifierHead
+from prunegrid.models.net import ClassifierHead, Net
 
 from tests.conftest import tiny
 
@@ -63,6 +63,7 @@ def test_agreement_layers_need_4x4_maps_at_the_same_stage():
 
     rebuilt = resnet("resnet18", num_classes=3, input_size=32)      # a rebuilt model: layer2_1 removed
     rebuilt.features.layer2_1 = nn.Identity()
+    rebuilt.declare(32)
     (name, _), (b_name, _), _ = cam_layers(rebuilt, base, 32)
     assert (name, b_name) == ("features.layer2_0", "features.layer2_1")   # same 4x4 stage, other unit
 
@@ -70,6 +71,7 @@ def test_agreement_layers_need_4x4_maps_at_the_same_stage():
     for unit in ("layer2_0", "layer2_1", "layer3_0", "layer3_1", "layer4_0", "layer4_1"):
         setattr(shallow.features, unit, nn.Identity())
     shallow.head = ClassifierHead(64, 3)
+    shallow.declare(32)                                             # a changed structure is re-declared
     (name, _), b, status = cam_layers(shallow, base, 32)
     assert b is None and status.startswith("skipped: this model has no unit with 4x4 maps")
     assert name == "features.layer1_1"                                # its own figure still gets a layer
@@ -141,21 +143,28 @@ def test_fixed_images_are_the_same_for_any_subset_and_seed(fashion_dir):
     picks = []
     for seed, subset in ((1, 64), (2, 200)):
         data = build(cfg.dataset, seed=seed, subset=subset)
-        x, labels, idx = fixed_images(data, 8, seed=0)
+        data.setup()
+        x, labels, idx = fixed_images(data.full_test, data.transform(False), 8, seed=0)
         picks.append((x, labels, idx))
     assert picks[0][2] == picks[1][2] and picks[0][1] == picks[1][1]
     assert torch.equal(picks[0][0], picks[1][0]) and picks[0][0].shape == (8, 3, 32, 32)
 
 
+def _explain(net, ecfg, tr):
+    test = [(torch.zeros(3, 4, 4), 0), (torch.ones(3, 4, 4), 1)]
+    cell = {"backbone": "pool_only", "prune": "l1_static", "dataset": "toy", "loss": "cross_entropy", "seed": "0"}
+    return log_run_explanations(net, test=test, transform=lambda img: img, classes=["a", "b"], normalized=False,
+                                cell=cell, input_size=4, ecfg=ecfg, tr=tr)
+
+
 def test_disabled_explain_does_nothing():
-    c = SimpleNamespace(cfg=compose(["explain.enabled=false"]))
-    assert log_run_explanations(c, None, None) == {}
+    assert _explain(None, compose(["explain.enabled=false"]).explain, None) == {}
 
 
 def test_model_without_float_weights_is_skipped_with_a_reason():
     tags: dict = {}
-    c = SimpleNamespace(cfg=compose([]))
-    assert log_run_explanations(c, nn.Sequential(nn.Flatten()), SimpleNamespace(set_tags=tags.update)) == {}
+    no_float = Net([("pool", nn.MaxPool2d(2))], nn.Flatten(), [["pool"]], "pool_only", 3, input_size=4)
+    assert _explain(no_float, compose([]).explain, SimpleNamespace(set_tags=tags.update)) == {}
     assert "no float parameters" in tags[tracking.TAG_EXPLAIN_STATUS]
 
 
@@ -205,12 +214,10 @@ def test_method_run_compares_with_the_baseline_run(none_run):
 def test_baseline_from_ckpt_file_or_a_reason_when_missing(tmp_path):
     cell = {"backbone": "simple_cnn", "prune": "l1", "dataset": "fashion_mnist", "loss": "cross_entropy", "seed": "7"}
     tr = tracking.Tracker(f"sqlite:///{tmp_path}/mlflow.db", "fashion_mnist", "x", {})
-    c = SimpleNamespace(method=SimpleNamespace(baseline_ckpt=None), cell=cell)
-    model, status = baseline_model(c, tr)
+    model, status = baseline_model(cell, None, tr)
     assert model is None and status.startswith("skipped: no FINISHED prune=none run of simple_cnn/fashion_mnist")
     path = measure.save_model(simple_cnn(num_classes=3, input_size=32), tmp_path / "base.pt")
-    c.method.baseline_ckpt = str(path)
-    model, status = baseline_model(c, tr)
+    model, status = baseline_model(cell, str(path), tr)
     assert isinstance(model, nn.Module) and model.num_classes == 3 and str(path) in status
 
 

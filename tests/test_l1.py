@@ -28,8 +28,8 @@ def test_algorithm1_sparsity_on_known_zeros():
         net[1].weight[:1] = 0                     # 1 of 4 BN-1 scales
         net[3].weight[:3] = 0                     # 3 of 5 BN-2 scales
     m = l1.sparsity_metrics(net)
-    assert m[tracking.L1_CONV_SPARSITY] == pytest.approx(40 / 92)
-    assert m[tracking.L1_BN_SPARSITY] == pytest.approx(4 / 9)
+    assert m[l1.L1_CONV_SPARSITY] == pytest.approx(40 / 92)
+    assert m[l1.L1_BN_SPARSITY] == pytest.approx(4 / 9)
 
 
 @pytest.mark.parametrize("scope", l1.SCOPES)
@@ -45,8 +45,8 @@ def test_prune_hits_amount_and_is_permanent(scope):
     assert not any(n.endswith(("_orig", "_mask")) for n, _ in net.named_parameters())
     assert not any(n.endswith("_mask") for n, _ in net.named_buffers())
     m = l1.sparsity_metrics(net)
-    assert abs(m[tracking.L1_CONV_SPARSITY] - 0.4) < 0.005
-    assert abs(m[tracking.L1_BN_SPARSITY] - 0.25) < 0.005
+    assert abs(m[l1.L1_CONV_SPARSITY] - 0.4) < 0.005
+    assert abs(m[l1.L1_BN_SPARSITY] - 0.25) < 0.005
 
 
 def test_schedules():
@@ -112,11 +112,11 @@ FINAL = {"l1_dynamic-simple_cnn": (0.36, 0.19)}
 def test_end_to_end_reaches_amounts(cell_run, method, backbone):
     metrics, client, run, root = cell_run(f"prune={method}", *CASES[method, backbone])
     conv, bn = FINAL.get(f"{method}-{backbone}", (0.4, 0.3))
-    assert abs(metrics[tracking.L1_CONV_SPARSITY] - conv) < 0.005
-    assert abs(metrics[tracking.L1_BN_SPARSITY] - bn) < 0.005
+    assert abs(metrics[l1.L1_CONV_SPARSITY] - conv) < 0.005
+    assert abs(metrics[l1.L1_BN_SPARSITY] - bn) < 0.005
     assert metrics["model/params_nonzero"] < metrics["model/params"]
     assert run["prune"] == method and run["backbone"] == backbone and run["status_detail"] == ""
-    assert run[tracking.L1_CONV_SPARSITY] == metrics[tracking.L1_CONV_SPARSITY]
+    assert run[l1.L1_CONV_SPARSITY] == metrics[l1.L1_CONV_SPARSITY]
     path = client.download_artifacts(run["run_id"], f"{tracking.ARTIFACT_MODEL_DIR}/{tracking.MODEL_FILE}",
                                      str(root / run["run_id"]))
     saved = measure.load_model(path)  # plain weights (no pruning re-parametrisation), as sparse
@@ -126,7 +126,7 @@ def test_end_to_end_reaches_amounts(cell_run, method, backbone):
 
 def test_dynamic_logs_sparsity_each_epoch(cell_run):
     _, client, run, _ = cell_run("prune=l1_dynamic", *CASES["l1_dynamic", "simple_cnn"])
-    hist = sorted(client.get_metric_history(run["run_id"], tracking.L1_EPOCH_CONV_SPARSITY), key=lambda x: x.step)
+    hist = sorted(client.get_metric_history(run["run_id"], l1.L1_EPOCH_CONV_SPARSITY), key=lambda x: x.step)
     assert [h.value for h in hist] == pytest.approx([0.2, 0.36], abs=0.005)
     assert [h.step for h in hist] == [0, 1]
 
@@ -192,8 +192,8 @@ def test_paper_loop_prunes_amount_each_epoch_and_weights_regrow(tmp_path, fashio
     net = cell.fit(cell.method.before_fit(cell.net, ctx), 3, [*callbacks, probe])
     assert len(loop.history) == 3
     for at_pruning in loop.history:                             # every pruning: amount, within 0.5 point
-        assert abs(at_pruning[tracking.L1_CONV_SPARSITY] - 0.4) < 0.005
-        assert abs(at_pruning[tracking.L1_BN_SPARSITY] - 0.3) < 0.005
+        assert abs(at_pruning[l1.L1_CONV_SPARSITY] - 0.4) < 0.005
+        assert abs(at_pruning[l1.L1_BN_SPARSITY] - 0.3) < 0.005
     assert all(_sparsity(zs) < 0.4 - 0.05 for zs in probe.zeros)  # permanent: pruned weights regrow in the epoch
     assert not any(n.endswith("_orig") for n, _ in net.named_parameters())
     final = cell.method.after_fit(net, ctx)

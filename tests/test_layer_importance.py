@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from prunegrid import measure, tracking
+from prunegrid import measure
 from prunegrid.config import build, compose, options
 from prunegrid.errors import ConfigError
 from prunegrid.models.net import ClassifierHead, Net
@@ -25,7 +25,6 @@ from prunegrid.pruning.layer_importance import (
     ablate,
     rank_layers,
     rebuild,
-    removable_units,
     select,
     spearman,
     tensor_stats,
@@ -63,7 +62,8 @@ def toy_net(num_classes: int = 3) -> Net:
         ("b3", conv1x1(4, 4)),
         ("b4", conv1x1(4, 4)),
     ]
-    return Net(units, ClassifierHead(4, num_classes, 0.0), [["stem", "b1"], ["b2", "b3", "b4"]], "toy", num_classes)
+    return Net(units, ClassifierHead(4, num_classes, 0.0), [["stem", "b1"], ["b2", "b3", "b4"]], "toy", num_classes,
+               input_size=4)
 
 
 # input (1, 3, 1, 2): channel 0 = [1, 2], channel 1 = [0, 1], channel 2 = [3, -1]
@@ -166,7 +166,7 @@ def test_select_top_k_and_cumulative_share():
 
 def test_rebuild_keeps_selected_and_shape_changing_units():
     net = toy_net()
-    assert removable_units(net, 4) == ["b1", "b3", "b4"]
+    assert net.contract.removable() == ["b1", "b3", "b4"]
     new, plan = rebuild(net, ["features.b3"], input_size=4, dropout=0.1)
     assert isinstance(new, Net) and new.num_classes == 3 and new.arch == "toy"
     assert new.unit_names() == ["stem", "b1", "b2", "b3"]             # b4 after the deepest selection: dropped
@@ -179,7 +179,8 @@ def test_rebuild_keeps_selected_and_shape_changing_units():
     assert new.stages == [["stem", "b1"], ["b2", "b3"]]
     assert measure.count_params(new) < measure.count_params(net)
     assert new(torch.randn(2, 3, 4, 4)).shape == (2, 3)
-    assert new.cam_layer() is new.features.b3
+    assert new.contract.cam_layer == "features.b3"
+    assert new.contract.unit("b3").out_shape == (4, 4, 4) and new.contract.input_size == 4
 
 
 def test_rebuild_with_only_head_layers_keeps_the_stem():
@@ -194,7 +195,7 @@ def test_rebuild_resnet18_removes_exactly_unselected_removable_units():
     net = build(compose(["backbone=resnet18"]).backbone, num_classes=7, input_size=32)
     selected = ["features.layer1_1.conv1", "features.layer3_0.bn2", "head.3"]
     new, plan = rebuild(net, selected, input_size=32)
-    removable = removable_units(net, 32)
+    removable = net.contract.removable()
     assert removable == ["layer1_0", "layer1_1", "layer2_1", "layer3_1", "layer4_1"]
     identities = [n for n in new.unit_names() if isinstance(new.features._modules[n], nn.Identity)]
     assert identities == ["layer1_0", "layer2_1"]
@@ -228,7 +229,7 @@ def test_every_backbone_scores_rebuilds_and_trains(backbone, tmp_path):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
-    assert not isinstance(new.cam_layer(), nn.Identity)
+    assert not isinstance(new.get_submodule(new.contract.cam_layer), nn.Identity)
 
 
 # -- ablation (the paper's layer-removal check) -------------------------------------------------
@@ -262,7 +263,7 @@ def test_pipeline_logs_ranking_and_metrics(tmp_path, fashion_dir):
     cfg = compose(tiny(tmp_path, "prune=layer_importance", "prune.calibration_batches=1"))
     metrics = run(cfg)
     for key in ("top_k_share", "kept_layers", "kept_units", "removed_units"):
-        assert tracking.method_key("layer_importance", key) in metrics, key
+        assert f"layer_importance/{key}" in metrics, key
     assert metrics["layer_importance/kept_layers"] == 6
     assert metrics["model/params"] < metrics["baseline/params"]
     client = MlflowClient(cfg.tracking.uri)
@@ -276,9 +277,9 @@ def test_pipeline_logs_ranking_and_metrics(tmp_path, fashion_dir):
 
 
 def test_pipeline_from_baseline_ckpt_with_ablation(tmp_path, fashion_dir):
-    base = build(compose(["backbone=simple_cnn"]).backbone, num_classes=10, input_size=32)
+    base = build(compose(["backbone=resnet18"]).backbone, num_classes=10, input_size=32)
     ckpt = measure.save_model(base, tmp_path / "base.pt")
-    cfg = compose(tiny(tmp_path, "backbone=simple_cnn", "prune=layer_importance", f"prune.baseline_ckpt={ckpt}",
+    cfg = compose(tiny(tmp_path, "backbone=resnet18", "prune=layer_importance", f"prune.baseline_ckpt={ckpt}",
                        "prune.k=2", "prune.ablation=true", "prune.ablation_batches=1", "prune.calibration_batches=1"))
     metrics = run(cfg)
     assert metrics["layer_importance/kept_layers"] == 2
@@ -287,6 +288,8 @@ def test_pipeline_from_baseline_ckpt_with_ablation(tmp_path, fashion_dir):
     assert [m.step for m in client.get_metric_history(r.info.run_id, "val/acc")] == [0]   # fine-tune only
     arts = {a.path for a in client.list_artifacts(r.info.run_id, "layer_importance")}
     assert "layer_importance/ablation.csv" in arts
+    table = pd.read_csv(client.download_artifacts(r.info.run_id, "layer_importance/ablation.csv", str(tmp_path)))
+    assert sorted(table["unit"]) == ["layer1_0", "layer1_1", "layer2_1", "layer3_1", "layer4_1"]   # the removable units
     saved = measure.load_model(client.download_artifacts(r.info.run_id, "model/model.pt", str(tmp_path)))
     assert isinstance(saved, Net) and saved.num_classes == 10
 
@@ -313,6 +316,12 @@ def _fail_before_training(cfg, match):
     assert "\n" not in str(err.value)
     client = MlflowClient(cfg.tracking.uri)
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_ablation_on_a_backbone_without_removable_units_fails_before_training(tmp_path, fashion_dir):
+    cfg = compose(tiny(tmp_path, "backbone=simple_cnn", "prune=layer_importance", "prune.ablation=true"))
+    _fail_before_training(cfg, "prune=layer_importance cannot serve backbone simple_cnn: it needs units that can be "
+                               "removed without changing shapes")
 
 
 def test_k_above_layer_count_fails_before_training(tmp_path, fashion_dir):

@@ -95,8 +95,11 @@ def test_bad_options(kwargs):
 def test_untraceable_backbone_fails_before_training():
     net = _net("simple_cnn")
     net.features.add_module("odd", _Untraceable())
-    with pytest.raises(ConfigError, match="cannot be INT8-quantized"):
-        QuantInt8().check(net, None)
+    net.declare(32)
+    with pytest.raises(ConfigError, match="prune=quant_int8 cannot serve backbone simple_cnn: it needs a graph "
+                                          "torch.fx can trace") as err:
+        QuantInt8().serves(net)
+    assert "\n" not in str(err.value)
 
 
 def test_end_to_end(tmp_path, fashion_dir):

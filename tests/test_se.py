@@ -104,7 +104,9 @@ def test_units_can_be_replaced_by_identity():
     net.features.layer3_1 = nn.Identity()
     net.features.layer4_1 = nn.Identity()
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 10)
-    assert net.cam_layer() is net.features.layer4_0
+    net.declare(64)
+    assert net.contract.cam_layer == "features.layer4_0"             # the last unit left with a 2x2 map
+    assert [u.removable for u in net.contract.units if u.name in ("layer3_1", "layer4_1")] == [False, False]
 
 
 @pytest.mark.parametrize("name", ["se_resnet18", "sse_resnet18"])

@@ -18,6 +18,8 @@ latency are reported as they are.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -507,13 +509,47 @@ def export_onnx(model: nn.Module, input_size: int, path: str | Path, channels: i
     model.eval()
     x = torch.zeros(1, channels, input_size, input_size, device=_device(model))
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _exportable_pools(model, x):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     finally:
         model.train(was_training)
     return path
+
+
+@contextlib.contextmanager
+def _exportable_pools(model: nn.Module, x: torch.Tensor):
+    """Swap, for the export, every adaptive average pool that *enlarges* its map by whole factors
+    (VGG's 7x7 pool on the 1x1 map of a 32 px input) for nearest upsampling to the same size. Each
+    output cell then averages exactly one input cell, so the values are the same; ONNX has no
+    adaptive pooling whose output size is not a factor of its input size."""
+    sizes: dict[str, tuple] = {}
+
+    def record(name: str):
+        def hook(_module, inputs, output) -> None:
+            sizes.setdefault(name, (tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:])))
+        return hook
+
+    pools = {n: m for n, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)}
+    hooks = [m.register_forward_hook(record(n)) for n, m in pools.items()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    swapped = {}
+    for name, ((h, w), (oh, ow)) in sizes.items():
+        if (oh, ow) != (h, w) and oh % h == 0 and ow % w == 0 and oh >= h and ow >= w:
+            parent, _, attr = name.rpartition(".")
+            swapped[name] = (model.get_submodule(parent), attr, pools[name])
+            setattr(swapped[name][0], attr, nn.Upsample(size=(oh, ow), mode="nearest"))
+    try:
+        yield
+    finally:
+        for owner, attr, pool in swapped.values():
+            setattr(owner, attr, pool)
 
 
 def onnx_session(path: str | Path, threads: int | None = None):

@@ -24,6 +24,7 @@ from prunegrid.budget import TAG_REF_PRUNE, Budget
 from prunegrid.config import build, cell, flatten
 from prunegrid.errors import ConfigError, one_line
 from prunegrid.models.module import Classifier
+from prunegrid.models.net import Net
 from prunegrid.pruning.base import Context, PruningMethod
 
 log = logging.getLogger("prunegrid")
@@ -195,6 +196,7 @@ class Cell:
             log_metrics=(lambda m: tr.log_metrics(m)) if tr else (lambda m: None),
             log_artifact=(lambda p, a=None: tr.log_artifact(p, a)) if tr else (lambda p, a=None: None),
             artifact_dir=tr.artifact_dir if tr else self.out, extras={"cfg": self.cfg, "cell": self.cell},
+            loss=self.loss,
         )
 
     # -- the whole cell -------------------------------------------------------------------
@@ -212,10 +214,11 @@ def _load_baseline(path: str, net: nn.Module, num_classes: int) -> nn.Module:
     if not p.is_file():
         raise ConfigError(f"prune.baseline_ckpt={path} does not exist; give the model.pt of the prune=none cell")
     base = measure.load_model(p)
-    arch, classes = getattr(base, "arch", type(base).__name__), getattr(base, "num_classes", None)
-    if arch != getattr(net, "arch", None) or classes != num_classes:
-        raise ConfigError(f"prune.baseline_ckpt={path} is a {arch} with {classes} classes; "
-                          f"this cell needs {getattr(net, 'arch', '?')} with {num_classes} classes")
+    if not isinstance(base, Net) or base.contract is None:
+        raise ConfigError(f"prune.baseline_ckpt={path} is not a model saved by this prunegrid; re-run the prune=none cell")
+    if base.arch != net.arch or base.num_classes != num_classes:
+        raise ConfigError(f"prune.baseline_ckpt={path} is a {base.arch} with {base.num_classes} classes; "
+                          f"this cell needs {net.arch} with {num_classes} classes")
     return base
 
 
@@ -226,7 +229,8 @@ def _matched_epochs(path: str | None) -> tuple[int, int] | None:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"budget.match={path} does not exist; give the model.pt of the trained prune=none cell")
-    budget = Budget.from_dict(getattr(measure.load_model(p), "train_budget", None))
+    model = measure.load_model(p)
+    budget = Budget.from_dict(model.train_budget if isinstance(model, Net) else None)
     if budget.epochs < 1:
         raise ConfigError(f"budget.match={path} records no training epochs; re-train that baseline")
     return budget.epochs, budget.converged
@@ -244,7 +248,7 @@ def train_or_load(c: Cell, ctx: Context, start_net: nn.Module | None,
     """
     cfg = c.cfg
     if start_net is not None:
-        c.budget = Budget.from_dict(getattr(start_net, "train_budget", None))
+        c.budget = Budget.from_dict(start_net.train_budget)
         if c.budget.epochs < 1:
             log.warning("prune.baseline_ckpt records no training budget (saved by an older prunegrid); "
                         "budget/epochs counts this cell's training only")
@@ -274,6 +278,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     c = Cell(cfg)
     baseline_net = copy.deepcopy(c.net)
+    c.method.serves(c.net)
     c.method.check(c.net, c.context())
     start_net = _load_baseline(c.method.baseline_ckpt, c.net, c.num_classes) if c.method.baseline_ckpt else None
     matched = None if start_net is not None or c.method.from_baseline else _matched_epochs(cfg.budget.get("match"))
@@ -304,7 +309,10 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         tr.log_metrics(metrics)
         _log_reports(c, tr)
         from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (BaiNa & Joe (explainable channel attention))
-        metrics.update(log_run_explanations(c, net, tr))
+        metrics.update(log_run_explanations(
+            net, test=c.data.full_test, transform=c.data.transform(False), classes=c.data.classes,
+            normalized=bool(c.data.normalize), cell=c.cell, input_size=c.input_size, ecfg=cfg.get("explain"),
+            tr=tr, baseline_ckpt=c.method.baseline_ckpt))
     _write_outputs(cfg, net, metrics, c)
     _summary(c, metrics)
     return metrics

@@ -207,13 +207,13 @@ def complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def _parent_run(study: optuna.Study, base: DictConfig, preset: DictConfig) -> str:
+def _parent_run(study: optuna.Study, cfg: DictConfig, preset: DictConfig) -> str:
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
         return run_id
-    experiment = preset.get("experiment") or base.tracking.get("experiment") or base.dataset.name
-    run_id = tracking.start_parent_run(base.tracking.get("uri"), experiment, f"sweep-{study.study_name}",
-                                       {"sweep": str(study.study_name), "prune": str(base.prune.name)})
+    experiment = preset.get("experiment") or cfg.tracking.get("experiment") or cfg.dataset.name
+    run_id = tracking.start_parent_run(cfg.tracking.get("uri"), experiment, f"sweep-{study.study_name}",
+                                       {"sweep": str(study.study_name), "prune": str(cfg.prune.name)})
     study.set_user_attr(PARENT_ATTR, run_id)
     return study.user_attrs.get(PARENT_ATTR, run_id)
 
@@ -230,11 +230,11 @@ def run_sweep(name: str, overrides: list[str] = (), out: str | Path = "reports/s
     overrides = list(overrides)
     preset = load_preset(name, [o for o in overrides if o.startswith("sweep.")])
     cell_overrides = [o for o in overrides if not o.startswith("sweep.")]
-    base = _check_space_keys(preset, cell_overrides)
+    cell_cfg = _check_space_keys(preset, cell_overrides)
     study = create_study(preset)
     keys = list(preset.objectives)
     multi = len(keys) > 1
-    parent = _parent_run(study, base, preset)
+    parent = _parent_run(study, cell_cfg, preset)
     target = int(preset.n_trials)
 
     def objective(trial: optuna.Trial):
@@ -264,7 +264,7 @@ def run_sweep(name: str, overrides: list[str] = (), out: str | Path = "reports/s
                   f"running the rest")
         study.optimize(objective, n_trials=1, gc_after_trial=True)
         started += 1
-    tracking.end_parent_run(base.tracking.get("uri"), parent, "FINISHED" if complete(study) >= target else "RUNNING")
+    tracking.end_parent_run(cell_cfg.tracking.get("uri"), parent, "FINISHED" if complete(study) >= target else "RUNNING")
     write_summary(study, keys, Path(out) / str(study.study_name))
     return study
 

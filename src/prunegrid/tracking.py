@@ -51,12 +51,6 @@ TAG_MEASURE_DEVICE = "measure_device"    # where latency and memory were measure
 ONNX_FILE = "model.onnx"                 # logged under ARTIFACT_MODEL_DIR
 TAG_ONNX_STATUS = "onnx_status"          # "ok", or the one-line reason the export/run failed
 SIZE_COMPRESSED = "model/size_mb_compressed"
-L1_CONV_SPARSITY = "l1/conv_sparsity"    # Algorithm 1 of Ju & Kang (on-device lightweight methods), final model
-L1_BN_SPARSITY = "l1/bn_sparsity"
-L1_EPOCH_CONV_SPARSITY = "l1/epoch_conv_sparsity"  # per epoch during l1_dynamic training (step = epoch)
-L1_EPOCH_BN_SPARSITY = "l1/epoch_bn_sparsity"
-L1_PRUNE_CONV_SPARSITY = "l1/prune_conv_sparsity"  # right after each epoch's pruning (schedule=paper)
-L1_PRUNE_BN_SPARSITY = "l1/prune_bn_sparsity"
 EXPLAIN_METRICS = ("explain/cam_agreement", "explain/cam_pearson")
 CAM_AGREEMENT, CAM_PEARSON = EXPLAIN_METRICS
 TAG_CAM_AGREEMENT_STATUS = "cam_agreement_status"  # why cam_agreement is missing, when it is
@@ -94,11 +88,6 @@ def class_key(kind: str, class_name: str) -> str:
     """``test/f1_<class>`` with the class name made safe (``T-shirt/top`` -> ``t_shirt_top``)."""
     safe = re.sub(r"[^0-9a-zA-Z]+", "_", class_name).strip("_").lower() or "class"
     return f"test/{kind}_{safe}"
-
-
-def method_key(method: str, name: str) -> str:
-    """A method's own metric, under its name (``layer_importance/kept_layers``)."""
-    return f"{method}/{name}"
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -274,32 +263,30 @@ def end_parent_run(uri: str | None, run_id: str, status: str = "FINISHED") -> No
     MlflowClient(resolve_uri(uri)).set_terminated(run_id, status)
 
 
+def search_runs(uri: str | None = None, **kwargs):
+    """``mlflow.search_runs`` on the store at ``uri`` (the process's tracking URI is restored after)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(resolve_uri(uri))
+    try:
+        return mlflow.search_runs(**kwargs)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def load_runs(uri: str | None = None, experiments: list[str] | None = None, finished_only: bool = True):
-    """Runs as a DataFrame: one row per run with ``run_id``, the CONTRACT tags and metrics."""
+    """Runs as a DataFrame (``mlflow.search_runs``): one row per run with ``run_id``, ``run_name``,
+    ``status``, ``experiment_id``, ``start_time``, the CONTRACT tags and the metrics (plain keys)."""
     import pandas as pd
 
-    client = MlflowClient(resolve_uri(uri))
-    exps = client.search_experiments()
-    ids = [e.experiment_id for e in exps if experiments is None or e.name in experiments]
-    if not ids:
+    df = search_runs(uri, experiment_names=experiments, search_all_experiments=experiments is None,
+                     filter_string="attributes.status = 'FINISHED'" if finished_only else "")
+    if df.empty:
         return pd.DataFrame()
-    filt = "attributes.status = 'FINISHED'" if finished_only else ""
-    return _search(client, ids, filt)
-
-
-def _search(client: MlflowClient, exp_ids: list[str], filt: str):
-    import pandas as pd
-
-    rows, token = [], None
-    while True:
-        page = client.search_runs(exp_ids, filter_string=filt, max_results=1000, page_token=token)
-        for r in page:
-            row = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-                   "experiment_id": r.info.experiment_id, "start_time": r.info.start_time}
-            row.update({t: r.data.tags.get(t, "") for t in (*TAGS, "ref_prune")})
-            row.update(r.data.metrics)
-            rows.append(row)
-        token = page.token
-        if not token:
-            break
-    return pd.DataFrame(rows)
+    out = df[["run_id", "status", "experiment_id", "start_time"]].copy()
+    out["run_name"] = df.get("tags.mlflow.runName", "")
+    for t in (*TAGS, "ref_prune"):
+        out[t] = df[f"tags.{t}"].fillna("") if f"tags.{t}" in df else ""
+    metrics = df[[c for c in df.columns if c.startswith("metrics.")]]
+    return pd.concat([out, metrics.rename(columns=lambda c: c.removeprefix("metrics."))], axis=1)

@@ -171,6 +171,7 @@ class ImageDataModule(L.LightningDataModule):
                 extra = synthetic_folder(extra, list(raw.classes))
             train = torch.utils.data.ConcatDataset([train, extra])
         self.classes = list(raw.classes)
+        self.full_test = raw.test  # before dataset.subset's cap: Grad-CAM's fixed images, the same for any subset
         self.splits = Splits(train, test, self.classes, val=val, bad_images=raw.bad_images)
 
     @property

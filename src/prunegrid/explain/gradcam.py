@@ -23,17 +23,18 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 from prunegrid import measure, tracking
 from prunegrid.budget import BASELINE
 from prunegrid.errors import ConfigError, one_line
+from prunegrid.models.net import FLOAT, Contract, Net
 
 log = logging.getLogger("prunegrid")
 
@@ -83,86 +84,63 @@ def agreement(maps_a: Sequence[np.ndarray], maps_b: Sequence[np.ndarray],
 
 
 # -- target layer and heatmaps ----------------------------------------------------------------
-def _output_shapes(net: nn.Module, modules: dict[str, nn.Module], input_size: int) -> dict[str, tuple[int, ...]]:
-    """Output shape of each of ``modules`` (by name) for one input of ``input_size`` pixels."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(module, inputs, output) -> None:  # returns None: the output is left unchanged
-            shapes.setdefault(name, tuple(output.shape))
-        return hook
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in modules.items()]
-    was = net.training
-    net.eval()
-    try:
-        p = next(net.parameters(), None)
-        with torch.no_grad():
-            net(torch.zeros(1, 3, input_size, input_size, device=p.device if p is not None else "cpu"))
-    finally:
-        for h in hooks:
-            h.remove()
-        net.train(was)
-    return shapes
+def _contract(net: Net, input_size: int | None = None) -> Contract:
+    """The net's declared contract, at ``input_size`` when given (re-declared if it was another size)."""
+    if not isinstance(net, Net) or net.contract is None:
+        raise ConfigError("Grad-CAM needs a prunegrid Net with a declared contract (a model saved by this prunegrid)")
+    if input_size is not None and net.contract.input_size != input_size:
+        net.declare(input_size)
+    return net.contract
 
 
-def _unit_sizes(net: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
-    """Output shape of each feature unit for one input of ``input_size`` pixels."""
-    return _output_shapes(net, dict(net.features.named_children()), input_size)
+def _layer(net: Net, unit: str) -> tuple[str, nn.Module]:
+    return f"features.{unit}", net.unit(unit)
 
 
-def map_size(net: nn.Module, module: nn.Module, input_size: int) -> tuple[int, int] | None:
-    """Height and width of ``module``'s output for one input of ``input_size`` pixels (``None``: not a map)."""
-    shape = _output_shapes(net, {"m": module}, input_size).get("m", ())
-    return (shape[2], shape[3]) if len(shape) == 4 else None
-
-
-def target_layer(net: nn.Module, path: str | None = None, input_size: int | None = None, *, min_map: int = 1,
+def target_layer(net: Net, path: str | None = None, input_size: int | None = None, *, min_map: int = 1,
                  size: tuple[int, int] | None = None) -> tuple[str, nn.Module]:
-    """The layer Grad-CAM reads: ``path`` (dotted, e.g. ``features.layer4_1``) if given; else, with
-    ``input_size``, the last feature unit whose map is exactly ``size`` (when given) or at least
-    ``min_map`` pixels a side and larger than 1x1; else ``net.cam_layer()`` (the last non-identity
-    unit, so rebuilt and pruned nets work)."""
+    """The unit Grad-CAM reads, from the net's contract: ``path`` (``features.<unit>``) if given; else
+    the last unit (not an identity) whose map is exactly ``size`` (when given) or at least ``min_map``
+    pixels a side and larger than 1x1; else the contract's ``cam_layer``."""
+    c = _contract(net, input_size)
     if path:
-        try:
-            return path, net.get_submodule(path)
-        except AttributeError:
-            units = ", ".join(f"features.{n}" for n in getattr(getattr(net, "features", None), "_modules", {}))
-            raise ConfigError(f"explain.target_layer={path} is not a module of this model; "
-                              f"use a dotted path such as one of: {units or 'features.<unit>'}") from None
-    if not hasattr(net, "cam_layer"):
-        raise ConfigError("this model has no cam_layer(); set explain.target_layer to a dotted module path")
-    last = net.cam_layer()
-    names = {id(u): n for n, u in net.features.named_children()}
-    if input_size is not None:
-        sizes = _unit_sizes(net, input_size)
-        units = [(n, u, sizes.get(n, ())) for n, u in reversed(list(net.features.named_children()))
-                 if not isinstance(u, nn.Identity)]
-        maps = [(n, u, shape[2:]) for n, u, shape in units if len(shape) == 4]
-        for want in ([lambda hw: hw == tuple(size)] if size else
-                     [lambda hw: min(hw) >= min_map and hw[0] * hw[1] > 1, lambda hw: hw[0] * hw[1] > 1]):
-            for name, unit, hw in maps:
-                if want(tuple(hw)):
-                    return f"features.{name}", unit
-    return f"features.{names.get(id(last), '?')}", last
+        unit = c.unit_of(path) if path.count(".") == 1 else None
+        if unit is None:
+            units = ", ".join(f"features.{n}" for n in c.names())
+            raise ConfigError(f"explain.target_layer={path} is not a unit of this model; use one of: {units}")
+        return _layer(net, unit)
+    maps = [(u.name, u.map_size) for u in reversed(c.units)
+            if u.map_size and not isinstance(net.unit(u.name), nn.Identity)]
+    for want in ([lambda hw: hw == tuple(size)] if size else
+                 [lambda hw: min(hw) >= min_map and hw[0] * hw[1] > 1, lambda hw: hw[0] * hw[1] > 1]):
+        for name, hw in maps:
+            if want(tuple(hw)):
+                return _layer(net, name)
+    return _layer(net, c.unit_of(c.cam_layer))
 
 
-def cam_layers(net: nn.Module, base: nn.Module | None, input_size: int, path: str | None = None,
+def map_size(net: Net, path: str) -> tuple[int, int] | None:
+    """Height and width of a unit's declared output map (``None``: not a spatial map)."""
+    c = net.contract
+    return c.unit(c.unit_of(path)).map_size
+
+
+def cam_layers(net: Net, base: Net | None, input_size: int, path: str | None = None,
                min_map: int = 4) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module] | None, str]:
     """The layers whose Grad-CAM maps are compared: the baseline's (at least ``min_map`` a side) and
-    the model's at the same spatial size. Returns the model's layer, the baseline's layer (``None``
-    when agreement is skipped) and a status (``ok: ...`` or ``skipped: <why>``)."""
+    the model's at the same spatial size, read from both contracts. Returns the model's layer, the
+    baseline's layer (``None`` when agreement is skipped) and a status (``ok: ...`` or ``skipped: <why>``)."""
     if base is None:
         return target_layer(net, path, input_size, min_map=min_map), None, "skipped: no baseline model"
     b_name, b_layer = target_layer(base, path, input_size, min_map=min_map)
-    b_hw = map_size(base, b_layer, input_size)
+    b_hw = map_size(base, b_name)
     if b_hw is None or min(b_hw) < min_map:
         own = target_layer(net, path, input_size, min_map=min_map)
         got = "no spatial map" if b_hw is None else f"{b_hw[0]}x{b_hw[1]} maps"
         return own, None, (f"skipped: the baseline's {b_name} gives {got} at {input_size} px, under explain.min_map="
                            f"{min_map}; set explain.target_layer to an earlier unit")
     name, layer = target_layer(net, path, input_size, size=b_hw)
-    hw = map_size(net, layer, input_size)
+    hw = map_size(net, name)
     if hw != b_hw:
         return (name, layer), None, (f"skipped: this model has no unit with {b_hw[0]}x{b_hw[1]} maps "
                                      f"(the stage of the baseline's {b_name})")
@@ -191,27 +169,16 @@ def gradcam(net: nn.Module, images: torch.Tensor, layer: nn.Module,
 
 
 # -- fixed images -----------------------------------------------------------------------------
-def _full_test(data: Any):
-    """The test split before the DataModule's ``dataset.subset`` cap (the same for every subset/seed)."""
-    test = data.splits.test
-    if isinstance(test, Subset) and getattr(data, "subset", None) is not None and hasattr(data, "_cap"):
-        again = data._cap(test.dataset, 3)  # the DataModule's own (seeded) cap of the test split
-        if isinstance(again, Subset) and list(again.indices) == list(test.indices):
-            return test.dataset
-    return test
-
-
-def fixed_images(data: Any, n: int, seed: int = 0) -> tuple[torch.Tensor, list[int], list[int]]:
-    """``n`` test images picked with ``seed`` (evaluation transform), their labels and indices."""
+def fixed_images(test: Any, transform: Any, n: int, seed: int = 0) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``n`` images of a test split picked with ``seed``, with ``transform`` applied, their labels and
+    indices. Given the whole test split (``ImageDataModule.full_test``), every run of a dataset gets
+    the same images, whatever its ``dataset.subset`` and seed."""
     if n < 1:
         raise ConfigError(f"explain.n_images={n} must be 1 or more (or set explain.enabled=false)")
-    data.setup()
-    test = _full_test(data)
     n = min(n, len(test))
     idx = sorted(np.random.default_rng(seed).choice(len(test), size=n, replace=False).tolist())
-    tf = data.transform(False)
     pairs = [test[i] for i in idx]
-    return torch.stack([tf(img) for img, _ in pairs]), [int(y) for _, y in pairs], idx
+    return torch.stack([transform(img) for img, _ in pairs]), [int(y) for _, y in pairs], idx
 
 
 def display_images(x: torch.Tensor, normalized: bool = True) -> np.ndarray:
@@ -251,28 +218,22 @@ def figure(rgb: np.ndarray, maps: np.ndarray, titles_top: Sequence[str], titles_
 
 
 # -- the per-run step ---------------------------------------------------------------------------
-def _find_baseline_run(client, cell: dict[str, str]):
+def _find_baseline_run(uri: str, cell: dict[str, str]):
     """The latest FINISHED ``prune=none`` run of the same backbone, dataset, loss and seed."""
-    from mlflow.entities import ViewType
-
-    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    if not exp_ids:
-        return None
     keys = {**{k: cell[k] for k in ("backbone", "dataset", "loss", "seed")}, "prune": BASELINE_PRUNE}
     filt = " and ".join(f"tags.{k} = '{v}'" for k, v in keys.items()) + " and attributes.status = 'FINISHED'"
-    runs = client.search_runs(exp_ids, filter_string=filt, order_by=["attributes.start_time DESC"], max_results=1)
+    runs = tracking.search_runs(uri, search_all_experiments=True, filter_string=filt, max_results=1,
+                                order_by=["attributes.start_time DESC"], output_format="list")
     return runs[0] if runs else None
 
 
-def baseline_model(c: Any, tr: tracking.Tracker) -> tuple[nn.Module | None, str]:
+def baseline_model(cell: dict[str, str], baseline_ckpt: str | None, tr: tracking.Tracker) -> tuple[nn.Module | None, str]:
     """The ``prune=none`` cell's final model and where it came from (or ``None`` and why not):
     the method's ``baseline_ckpt`` file if it has one, else the matching run's ``model/model.pt``."""
-    ckpt = getattr(c.method, "baseline_ckpt", None)
-    if ckpt and Path(ckpt).is_file():
-        return measure.load_model(ckpt), f"ok: baseline {ckpt}"
-    run = _find_baseline_run(tr.client, c.cell)
+    if baseline_ckpt and Path(baseline_ckpt).is_file():
+        return measure.load_model(baseline_ckpt), f"ok: baseline {baseline_ckpt}"
+    run = _find_baseline_run(tr.uri, cell)
     if run is None:
-        cell = c.cell
         return None, (f"skipped: no FINISHED prune=none run of {cell['backbone']}/{cell['dataset']}/{cell['loss']}"
                       f"/seed {cell['seed']} in {tr.uri}; run that cell first")
     with tempfile.TemporaryDirectory(prefix="prunegrid-cam-") as tmp:
@@ -284,18 +245,29 @@ def baseline_model(c: Any, tr: tracking.Tracker) -> tuple[nn.Module | None, str]
         return measure.load_model(path), f"ok: baseline run {run.info.run_id}"
 
 
-def explain_run(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float]:
+@dataclass
+class Images:
+    """The fixed test images a run explains: the network inputs, their labels, the class names, and
+    whether the inputs carry the ImageNet normalisation (to undo it for display)."""
+
+    x: torch.Tensor
+    labels: list[int]
+    classes: list[str]
+    normalized: bool = True
+
+
+def explain_run(net: Net, images: Images, *, cell: dict[str, str], input_size: int, ecfg: Any,
+                tr: tracking.Tracker, baseline_ckpt: str | None = None) -> dict[str, float]:
     """Draw ``gradcam.png`` for the run's fixed test images and log the agreement metrics."""
-    ecfg = c.cfg.explain
-    if not any(p.is_floating_point() for p in net.parameters()):
+    if FLOAT not in _contract(net).capabilities:
         raise ConfigError("Grad-CAM needs a float model with gradients; this model has no float parameters (int8?)")
-    x, labels, _ = fixed_images(c.data, int(ecfg.get("n_images", 8)), int(ecfg.get("seed", 0)))
+    x, labels = images.x, images.labels
     path = ecfg.get("target_layer")
-    if c.cell["prune"] == BASELINE_PRUNE:
+    if cell["prune"] == BASELINE_PRUNE:
         base, source = net, "baseline cell (agreement with itself)"
     else:
-        base, source = baseline_model(c, tr)
-    (name, layer), base_layer, status = cam_layers(net, base, c.input_size, path, int(ecfg.get("min_map", 4)))
+        base, source = baseline_model(cell, baseline_ckpt, tr)
+    (name, layer), base_layer, status = cam_layers(net, base, input_size, path, int(ecfg.get("min_map", 4)))
     if base is None:
         status = source
     elif status.startswith("ok"):
@@ -303,10 +275,10 @@ def explain_run(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float
     maps, logits = gradcam(net, x, layer, labels)
     preds = logits.argmax(1).tolist()
 
-    classes = list(c.data.classes)
-    rgb = display_images(x, bool(getattr(c.data, "normalize", True)))
-    fig = figure(rgb, maps, [f"true: {classes[y]}" for y in labels], [f"pred: {classes[p]}" for p in preds],
-                 suptitle=f"{tracking.run_name(c.cell)}\nGrad-CAM of the true class at {name}",
+    classes = images.classes
+    fig = figure(display_images(x, images.normalized), maps, [f"true: {classes[y]}" for y in labels],
+                 [f"pred: {classes[p]}" for p in preds],
+                 suptitle=f"{tracking.run_name(cell)}\nGrad-CAM of the true class at {name}",
                  colors=["green" if p == y else "red" for p, y in zip(preds, labels)])
     tr.log_figure(fig, tracking.ARTIFACT_GRADCAM)
     from prunegrid.plots import close
@@ -324,14 +296,18 @@ def explain_run(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float
     return metrics
 
 
-def log_run_explanations(c: Any, net: nn.Module, tr: tracking.Tracker) -> dict[str, float]:
-    """Pipeline hook: :func:`explain_run` unless ``explain.enabled=false``. A failure here does not
-    fail the trained run: it is logged as the ``explain_status`` tag and a warning."""
-    ecfg = c.cfg.get("explain")
+def log_run_explanations(net: Net, *, test: Any, transform: Any, classes: list[str], normalized: bool,
+                         cell: dict[str, str], input_size: int, ecfg: Any, tr: tracking.Tracker,
+                         baseline_ckpt: str | None = None) -> dict[str, float]:
+    """Pipeline step: :func:`explain_run` on the fixed images of ``test`` (the whole test split)
+    unless ``explain.enabled=false``. A failure here does not fail the trained run: it is logged as
+    the ``explain_status`` tag and a warning."""
     if ecfg is None or not ecfg.get("enabled", True):
         return {}
     try:
-        return explain_run(c, net, tr)
+        x, labels, _ = fixed_images(test, transform, int(ecfg.get("n_images", 8)), int(ecfg.get("seed", 0)))
+        return explain_run(net, Images(x, labels, list(classes), normalized), cell=cell, input_size=input_size,
+                           ecfg=ecfg, tr=tr, baseline_ckpt=baseline_ckpt)
     except Exception as exc:
         detail = one_line(exc)
         log.warning("Grad-CAM step failed: %s", detail)

@@ -8,14 +8,15 @@ head, and ``freeze`` (leading stages kept frozen; Kim (ResNet transfer learning)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torchvision
 from torch import nn
 
-from prunegrid.errors import ConfigError
+from prunegrid.errors import ConfigError, one_line
 from prunegrid.models.net import ClassifierHead, Net, seq
 
 
@@ -86,17 +87,16 @@ def _load_features(net: Net, weights_path: str | None) -> None:
 
 
 def _finish(net: Net, *, input_size: int, min_input_size: int, freeze: int, weights_path: str | None = None) -> Net:
-    """Load a source task's feature weights if given, check the input size fits, then freeze leading stages."""
+    """Load a source task's feature weights if given, check the input size fits, freeze leading stages
+    and record the net's contract (:meth:`Net.declare`) at ``input_size``."""
     _load_features(net, weights_path)
     if input_size < min_input_size:
         raise ConfigError(
             f"dataset.input_size={input_size} is too small for backbone {net.arch} "
             f"(minimum {min_input_size}); set dataset.input_size={min_input_size} or more"
         )
-    net.eval()
     try:
-        with torch.no_grad():
-            net(torch.zeros(1, 3, input_size, input_size))
+        net.declare(input_size)
     except RuntimeError as exc:
         raise ConfigError(
             f"dataset.input_size={input_size} is too small for backbone {net.arch}: "
@@ -227,5 +227,175 @@ def simple_cnn(num_classes: int, input_size: int, arch: str = "simple_cnn", pret
         nn.Linear(h1, h2), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(h2, num_classes),
     )
     net = Net(units, head, [["conv1", "pool1"], ["conv2", "pool2"]], arch, num_classes)
+    return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze,
+                   weights_path=weights_path)
+
+
+# -- any torchvision / timm CNN by name ---------------------------------------------------------
+
+_HEAD_NAMES = {"avgpool", "global_pool", "fc", "classifier", "head", "heads", "dropout", "flatten", "pre_logits"}
+_GROUP_ENDS = ("torch.nn.modules.activation", "torch.nn.modules.pooling")
+
+
+def _flatten(named: Iterable[tuple[str, nn.Module]], prefix: str = "") -> list[tuple[str, nn.Module, str, int]]:
+    """Modules in forward order, every module that runs as ``nn.Sequential`` opened into its children;
+    each with its container's path and size (to name a unit made of a whole container after it)."""
+    named = list(named)
+    out = []
+    for name, m in named:
+        path = f"{prefix}{name}"
+        if type(m).forward is nn.Sequential.forward and len(m._modules):
+            out += _flatten(m.named_children(), path + ".")
+        else:
+            out.append((path, m, prefix.rstrip("."), len(named)))
+    return out
+
+
+def _is_layer(m: nn.Module) -> bool:
+    """A single op (conv, norm, activation, pool), not a block: no Conv2d / Linear inside it."""
+    return not any(isinstance(x, (nn.Conv2d, nn.Linear)) for x in m.modules() if x is not m)
+
+
+def _label(run: list[tuple[str, nn.Module, str, int]], taken: set[str]) -> str:
+    """A unit's name: its container's path when it is a whole container, else its first module's path."""
+    parents = {parent for _, _, parent, _ in run}
+    whole = len(parents) == 1 and run[0][2] and len(run) == run[0][3]
+    name = re.sub(r"\W", "_", run[0][2] if whole else run[0][0])
+    base, i = name, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def tree_units(named: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Units from a library's module tree, in forward order.
+
+    Sequential containers are opened; every block (a module holding convolutions) is one unit;
+    runs of single ops (conv, norm, activation, pool) are merged into one unit that ends at an
+    activation or a pooling layer (conv+BN+ReLU, then the max-pool). Names are the module paths.
+    """
+    units, buf, taken = [], [], set()
+
+    def flush():
+        if buf:
+            mods = [item[1] for item in buf]
+            units.append((_label(buf, taken), mods[0] if len(mods) == 1 else seq(*mods)))
+            buf.clear()
+
+    for item in _flatten(named):
+        m = item[1]
+        if _is_layer(m):
+            buf.append(item)
+            if any(type(x).__module__ in _GROUP_ENDS for x in m.modules()):
+                flush()
+        else:
+            flush()
+            units.append((_label([item], taken), m))
+    flush()
+    return units
+
+
+def _same_as_library(arch: str, trunk: nn.Module, library_features, input_size: int) -> None:
+    """The chain of units must compute what the library's own feature extractor computes."""
+    x = torch.randn(2, 3, input_size, input_size)
+    was = trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            try:
+                theirs = library_features(x)
+            except Exception as exc:
+                raise ConfigError(f"dataset.input_size={input_size} is too small for backbone {arch}, or it is not "
+                                  f"a CNN: {one_line(exc)[:160]}") from exc
+            try:
+                ours = trunk(x)
+            except Exception:
+                ours = None
+    finally:
+        trunk.train(was)
+    if ours is None or ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4):
+        raise ConfigError(f"backbone.arch={arch} does not run as a chain of its modules (its forward does more "
+                          "than call them in order); it needs its own builder in prunegrid.models.backbones")
+
+
+def torchvision_cnn(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
+                    weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
+                    min_input_size: int = 32) -> Net:
+    """Any torchvision classification CNN by name (``torchvision.models.list_models``).
+
+    Units come from the model's module tree (:func:`tree_units`) up to its pooling / classifier
+    (auxiliary heads left out); stages group units by output resolution; the head is a new
+    :class:`ClassifierHead`. The chain is checked against torchvision's own feature extractor,
+    so an architecture whose forward is not a chain of its modules is refused in one line.
+    """
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        raise ConfigError(f"backbone.arch={arch} is not a torchvision classification model; "
+                          f"see torchvision.models.list_models() (e.g. {', '.join(names[:4])}, ...)")
+    if input_size < min_input_size:
+        raise ConfigError(f"dataset.input_size={input_size} is too small for backbone {arch} "
+                          f"(minimum {min_input_size}); set dataset.input_size={min_input_size} or more")
+    m = _torchvision(arch, pretrained, weights_path)
+    trunk = []
+    for name, child in m.named_children():
+        if name in _HEAD_NAMES:
+            break
+        if not name.lower().startswith("aux"):
+            trunk.append((name, child))
+    if not trunk:
+        raise ConfigError(f"backbone.arch={arch}: no feature modules before its classifier")
+    units = tree_units(trunk)
+    try:
+        library = create_feature_extractor(m.eval(), return_nodes={trunk[-1][0]: "out"})
+    except Exception as exc:
+        raise ConfigError(f"backbone.arch={arch}: torchvision cannot extract its features ({one_line(exc)})") from exc
+    _same_as_library(arch, seq(*[u for _, u in units]), lambda x: library(x)["out"], input_size)
+    return _generic_net(arch, units, num_classes, input_size, dropout, freeze, min_input_size, weights_path)
+
+
+def timm_cnn(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
+             weights_path: str | None = None, dropout: float = 0.3, freeze: int = 0,
+             min_input_size: int = 32) -> Net:
+    """Any timm CNN by name (``timm.list_models``), through timm's own feature stages.
+
+    timm builds the model with ``features_only`` (its ``feature_info`` stages, the classifier and
+    global pooling left out); the units are that feature model's modules in order
+    (:func:`tree_units`), checked against the feature model's own output; stages group units by
+    output resolution. ImageNet weights come through timm (``pretrained``), or from a local file
+    through timm's ``pretrained_cfg_overlay`` (``weights_path``).
+    """
+    import timm
+
+    if arch not in timm.list_models():
+        raise ConfigError(f"backbone.arch={arch} is not a timm model; see timm.list_models()")
+    if input_size < min_input_size:
+        raise ConfigError(f"dataset.input_size={input_size} is too small for backbone {arch} "
+                          f"(minimum {min_input_size}); set dataset.input_size={min_input_size} or more")
+    kw: dict = {}
+    if weights_path and not _is_net_state(_read_state(weights_path)):
+        kw = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(Path(weights_path).expanduser())}}
+    elif pretrained:
+        kw = {"pretrained": True}
+    try:
+        feats = timm.create_model(arch, features_only=True, out_indices=(-1,), **kw)
+    except Exception as exc:
+        if kw:
+            raise ConfigError(f"cannot load weights for {arch} ({one_line(exc)}); run with backbone.pretrained=false, "
+                              "or set backbone.weights_path=FILE to its state dict") from exc
+        raise ConfigError(f"backbone.arch={arch}: timm cannot build its feature stages ({one_line(exc)}); "
+                          "use a CNN") from exc
+    units = tree_units(feats.named_children())
+    _same_as_library(arch, seq(*[u for _, u in units]), lambda x: feats(x)[-1], input_size)
+    return _generic_net(arch, units, num_classes, input_size, dropout, freeze, min_input_size, weights_path)
+
+
+def _generic_net(arch: str, units: list[tuple[str, nn.Module]], num_classes: int, input_size: int, dropout: float,
+                 freeze: int, min_input_size: int, weights_path: str | None) -> Net:
+    with torch.no_grad():
+        channels = seq(*[u for _, u in units]).eval()(torch.zeros(1, 3, input_size, input_size)).shape[1]
+    net = Net(units, ClassifierHead(channels, num_classes, dropout), None, arch, num_classes)
     return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze,
                    weights_path=weights_path)

@@ -8,6 +8,11 @@ model ONNX Runtime should time; by default the final model exported as it is), a
 ``report`` (the method's own metrics; artifacts go through ``ctx.log_artifact``). Every hook
 does nothing by default, so ``none`` is a method too.
 
+What a method needs from a backbone is declared once, by ``requires`` (capabilities of the
+net's :class:`~prunegrid.models.net.Contract`: BatchNorm, Conv2d, FX-traceable, removable
+units); :meth:`PruningMethod.serves` rejects a backbone that lacks one, in one line, before any
+training. Methods read only what the contract declares (``prunegrid.models.net.DECLARED``).
+
 Whether a method lightens a *trained* baseline is declared once, by the class attribute
 ``from_baseline``; the pipeline, the grid and ``dvc.yaml`` take it from there. The pipeline is
 one sequence: train (or load) the baseline, or let the method shape training from scratch;
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader
 from prunegrid import measure
 from prunegrid.budget import BASELINE, reference_name
 from prunegrid.errors import ConfigError
+from prunegrid.models.net import CAPABILITIES, Net
 
 
 @dataclass
@@ -34,7 +40,8 @@ class Context:
 
     ``fit(net, epochs, callbacks=())`` trains and returns the net (for fine-tuning);
     ``evaluate(net, split, max_batches=None)`` returns ``{"acc", "loss"}``;
-    ``loader(split, shuffle=None)`` gives batches of transformed images.
+    ``loader(split, shuffle=None)`` gives batches of transformed images; ``loss`` is the cell's
+    configured loss (``loss(logits, targets)``).
     """
 
     num_classes: int
@@ -47,6 +54,7 @@ class Context:
     log_artifact: Callable[[Path, str | None], None]
     artifact_dir: Path
     extras: dict[str, Any] = field(default_factory=dict)
+    loss: Callable | None = None
 
 
 def check_fraction(name: str, value: float, low_open: bool = False) -> None:
@@ -59,7 +67,9 @@ def check_fraction(name: str, value: float, low_open: bool = False) -> None:
 class PruningMethod:
     """Base class: every hook is a no-op.
 
-    Class attribute:
+    Class attributes:
+        name: the method's label and, unless ``namespace`` is set, its metric namespace (:meth:`key`).
+        requires: capabilities of the backbone contract the method needs (:meth:`serves`).
         from_baseline: ``True`` when the method lightens a *trained* baseline (in ``after_fit``): the
             pipeline trains a plain baseline first, or loads ``baseline_ckpt``, and the grid runs the
             method in the stage that reuses the ``prune=none`` cell's model. ``False`` when the
@@ -73,7 +83,9 @@ class PruningMethod:
     """
 
     name = BASELINE
+    namespace: ClassVar[str | None] = None
     from_baseline: ClassVar[bool] = False
+    requires: tuple[str, ...] = ()
 
     def __init__(self, baseline_ckpt: str | None = None, finetune_epochs: int = 0):
         if finetune_epochs is None or finetune_epochs < 0:
@@ -86,6 +98,21 @@ class PruningMethod:
         """The equal-budget ``prune=none`` cell this method's accuracy is compared with: the baseline
         fine-tuned for the same ``finetune_epochs`` (scratch methods train the baseline's epochs)."""
         return reference_name(self.finetune_epochs)
+
+    def key(self, metric: str) -> str:
+        """The method's own metric namespace, ``<namespace>/<metric>`` (``namespace``: the method's
+        ``name`` unless methods of one family share one, as the two L1 timings share ``l1``)."""
+        return f"{self.namespace or self.name}/{metric}"
+
+    def serves(self, net: nn.Module) -> None:
+        """Reject, in one line, a backbone whose contract lacks a capability in ``requires``."""
+        if not isinstance(net, Net) or net.contract is None:
+            raise ConfigError(f"prune={self.name} needs a prunegrid Net with a declared contract, got "
+                              f"{type(net).__name__}; build the backbone from conf/backbone")
+        missing = net.contract.missing(self.requires)
+        if missing:
+            raise ConfigError(f"prune={self.name} cannot serve backbone {net.arch}: it needs "
+                              f"{' and '.join(CAPABILITIES[m] for m in missing)}; use another prune method")
 
     def check(self, net: nn.Module, ctx: Context) -> None:
         """Validate options against the model and data before any training."""

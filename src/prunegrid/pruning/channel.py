@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from prunegrid import measure
-from prunegrid.errors import ConfigError
+from prunegrid.errors import ConfigError, one_line
+from prunegrid.models.net import CONV, Net
 from prunegrid.pruning.base import Context, PruningMethod, check_fraction
 
 IMPORTANCES = {
@@ -36,11 +37,9 @@ IMPORTANCES = {
 }
 
 
-def protected_layers(net: nn.Module) -> list[nn.Module]:
-    """The classifier's last Linear: its outputs are the classes and must all stay."""
-    head = getattr(net, "head", net)
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
+def protected_layers(net: Net) -> list[nn.Module]:
+    """The layers the net's contract says must never be pruned (the classifier's last Linear)."""
+    return [net.get_submodule(name) for name in net.contract.protected]
 
 
 def prunable_layers(net: nn.Module) -> dict[str, nn.Module]:
@@ -53,22 +52,35 @@ def _width(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
 
-def check_ratios(net: nn.Module, ratio: float, max_layer_ratio: float, key: str = "ratio") -> None:
-    """Raise if ``ratio`` / ``max_layer_ratio`` could remove every channel of some layer."""
+def check_ratios(ratio: float, max_layer_ratio: float, key: str = "ratio") -> None:
+    """Raise if ``ratio`` / ``max_layer_ratio`` are out of range or ``ratio`` is above the cap.
+
+    No layer can be emptied whatever the ratio: a group that would take every channel of a layer
+    is cut to keep ``max(1, ceil(width * (1 - max_layer_ratio)))`` of them (:func:`_capped`).
+    """
     check_fraction(key, ratio, low_open=True)
     check_fraction("max_layer_ratio", max_layer_ratio, low_open=True)
     if ratio > max_layer_ratio:
         raise ConfigError(f"prune.{key}={ratio} is above prune.max_layer_ratio={max_layer_ratio}; "
                           f"lower the ratio or raise max_layer_ratio (< 1)")
-    for name, m in prunable_layers(net).items():
-        if int(_width(m) * (1 - max_layer_ratio)) < 1:
-            safe = 1 - 1 / _width(m)
-            raise ConfigError(f"prune.max_layer_ratio={max_layer_ratio} would remove every channel of {name} "
-                              f"({_width(m)} channels); set it to at most {safe:.3f}")
 
 
-def _accumulate_gradients(net: nn.Module, batches) -> None:
-    """Loss gradients of a few training batches (for Taylor importance), all parameters included."""
+def check_traceable(net: Net, method: str, input_size: int) -> None:
+    """Build torch-pruning's dependency graph now, so a backbone it cannot trace is refused before training."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tp.DependencyGraph().build_dependency(
+                net, torch.zeros(1, 3, input_size, input_size, device=measure._device(net)),
+                ignored_layers=protected_layers(net))
+    except Exception as exc:
+        raise ConfigError(f"prune={method} cannot serve backbone {net.arch}: torch-pruning cannot trace its channel "
+                          f"dependencies ({one_line(exc)[:160]}); use another prune method") from exc
+
+
+def _accumulate_gradients(net: nn.Module, batches, loss: Callable) -> None:
+    """Gradients of the cell's own loss over a few training batches (for Taylor importance), all
+    parameters included."""
     flags = {n: p.requires_grad for n, p in net.named_parameters()}
     was = net.training
     net.eval()
@@ -77,26 +89,32 @@ def _accumulate_gradients(net: nn.Module, batches) -> None:
         for p in net.parameters():
             p.requires_grad_(True)
         for x, y in batches:
-            F.cross_entropy(net(x), y).backward()
+            loss(net(x), y).backward()
     for n, p in net.named_parameters():
         p.requires_grad_(flags[n])
     net.train(was)
 
 
-def prune_channels(net: nn.Module, *, importance: str, ratio: float, global_pruning: bool, max_layer_ratio: float,
-                   input_size: int, batches=()) -> nn.Module:
-    """Remove ``ratio`` of the channels of ``net`` in place (torch-pruning) and return it.
+def prune_channels(net: Net, *, importance: str, ratio: float, global_pruning: bool, max_layer_ratio: float,
+                   input_size: int, batches=(), loss: Callable | None = None) -> nn.Module:
+    """Remove ``ratio`` of the channels of ``net`` in place (torch-pruning), re-declare its contract
+    (thinner units) and return it.
 
-    ``batches`` (``(x, y)`` pairs) give the gradients for ``importance="taylor"``. Per-layer
+    ``batches`` (``(x, y)`` pairs) and ``loss`` (the cell's configured loss) give the gradients for
+    ``importance="taylor"``. Per-layer
     ``requires_grad`` (frozen stages) is kept; in global mode no layer loses more than
     ``max_layer_ratio`` of its channels.
     """
     if importance not in IMPORTANCES:
         raise ConfigError(f"prune.importance={importance} is unknown; use one of {', '.join(IMPORTANCES)}")
     flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    for p in net.parameters():  # DepGraph traces through autograd: a frozen stem would drop out of its residual group
+        p.requires_grad_(True)
     device = measure._device(net)
     if importance == "taylor":
-        _accumulate_gradients(net, [(x.to(device), y.to(device)) for x, y in batches])
+        if loss is None:
+            raise ValueError("importance='taylor' needs the loss its gradients come from")
+        _accumulate_gradients(net, [(x.to(device), y.to(device)) for x, y in batches], loss)
     example = torch.zeros(1, 3, input_size, input_size, device=device)
     imp = IMPORTANCES[importance]()
     with warnings.catch_warnings():
@@ -113,6 +131,7 @@ def prune_channels(net: nn.Module, *, importance: str, ratio: float, global_prun
     net.zero_grad(set_to_none=True)
     for n, p in net.named_parameters():
         p.requires_grad_(flags.get(n, True))
+    net.declare(input_size)
     return net
 
 
@@ -153,6 +172,7 @@ class ChannelPruning(PruningMethod):
 
     name = "channel"
     from_baseline = True
+    requires = (CONV,)
 
     def __init__(self, importance: str = "l1", ratio: float = 0.5, global_pruning: bool = False,
                  max_layer_ratio: float = 0.9, calibration_batches: int = 4, finetune_epochs: int = 1,
@@ -172,8 +192,9 @@ class ChannelPruning(PruningMethod):
         self.before: dict[str, float] = {}
         self.channels_before = 0
 
-    def check(self, net: nn.Module, ctx: Context) -> None:
-        check_ratios(net, self.ratio, self.max_layer_ratio)
+    def check(self, net: Net, ctx: Context) -> None:
+        check_ratios(self.ratio, self.max_layer_ratio)
+        check_traceable(net, self.name, ctx.input_size)
 
     def _batches(self, ctx: Context):
         if self.importance != "taylor":
@@ -189,24 +210,25 @@ class ChannelPruning(PruningMethod):
         self.before = measure.static_metrics(net, ctx.input_size)
         self.channels_before = sum(_width(m) for m in prunable_layers(net).values())
         prune_channels(net, importance=self.importance, ratio=self.ratio, global_pruning=self.global_pruning,
-                       max_layer_ratio=self.max_layer_ratio, input_size=ctx.input_size, batches=self._batches(ctx))
+                       max_layer_ratio=self.max_layer_ratio, input_size=ctx.input_size, batches=self._batches(ctx),
+                       loss=ctx.loss)
         after = measure.static_metrics(net, ctx.input_size)
         if after["model/params"] >= self.before["model/params"]:
-            raise ConfigError(f"prune={self.name} removed no channel of {getattr(net, 'arch', type(net).__name__)}; "
+            raise ConfigError(f"prune={self.name} removed no channel of {net.arch}; "
                               "raise prune.ratio or check that the backbone has prunable layers")
-        ctx.log_metrics({f"{self.name}/acc_before_finetune": ctx.evaluate(net, "val")["acc"]})
+        ctx.log_metrics({self.key("acc_before_finetune"): ctx.evaluate(net, "val")["acc"]})
         return net
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
         after = measure.static_metrics(net, ctx.input_size)
         widths = [_width(m) for m in prunable_layers(net).values()]
-        return {
-            f"{self.name}/ratio": self.ratio,
-            f"{self.name}/global": float(self.global_pruning),
-            f"{self.name}/params_before": self.before.get("model/params", float("nan")),
-            f"{self.name}/params_after": after["model/params"],
-            f"{self.name}/flops_before": self.before.get("model/flops", float("nan")),
-            f"{self.name}/flops_after": after["model/flops"],
-            f"{self.name}/channels_removed_share": 1 - sum(widths) / self.channels_before if self.channels_before else 0.0,
-            f"{self.name}/min_layer_width": float(min(widths)) if widths else 0.0,
-        }
+        return {self.key(k): v for k, v in {
+            "ratio": self.ratio,
+            "global": float(self.global_pruning),
+            "params_before": self.before.get("model/params", float("nan")),
+            "params_after": after["model/params"],
+            "flops_before": self.before.get("model/flops", float("nan")),
+            "flops_after": after["model/flops"],
+            "channels_removed_share": 1 - sum(widths) / self.channels_before if self.channels_before else 0.0,
+            "min_layer_width": float(min(widths)) if widths else 0.0,
+        }.items()}

@@ -24,12 +24,20 @@ import torch.nn.utils.prune as prune
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
-from prunegrid import measure, tracking
+from prunegrid import measure
 from prunegrid.errors import ConfigError
+from prunegrid.models.net import BATCHNORM, CONV, Net
 from prunegrid.pruning.base import Context, PruningMethod, check_fraction
 
 log = logging.getLogger("prunegrid")
 
+NAMESPACE = "l1"
+L1_CONV_SPARSITY = "l1/conv_sparsity"    # Algorithm 1 of Ju & Kang (on-device lightweight methods), final model
+L1_BN_SPARSITY = "l1/bn_sparsity"
+L1_EPOCH_CONV_SPARSITY = "l1/epoch_conv_sparsity"  # per epoch during l1_dynamic training (step = epoch)
+L1_EPOCH_BN_SPARSITY = "l1/epoch_bn_sparsity"
+L1_PRUNE_CONV_SPARSITY = "l1/prune_conv_sparsity"  # right after each epoch's pruning (schedule=paper)
+L1_PRUNE_BN_SPARSITY = "l1/prune_bn_sparsity"
 KINDS: dict[str, type[nn.Module]] = {"conv": nn.Conv2d, "bn": nn.BatchNorm2d}
 SCOPES = ("layerwise", "global")
 SCHEDULES = ("paper", "gradual", "constant")
@@ -67,8 +75,8 @@ def make_permanent(net: nn.Module) -> nn.Module:
 
 def sparsity_metrics(net: nn.Module) -> dict[str, float]:
     """Algorithm 1 of Ju & Kang (on-device lightweight methods) for Conv2d and BatchNorm2d weights."""
-    return {tracking.L1_CONV_SPARSITY: measure.layer_sparsity(net, nn.Conv2d),
-            tracking.L1_BN_SPARSITY: measure.layer_sparsity(net, nn.BatchNorm2d)}
+    return {L1_CONV_SPARSITY: measure.layer_sparsity(net, nn.Conv2d),
+            L1_BN_SPARSITY: measure.layer_sparsity(net, nn.BatchNorm2d)}
 
 
 class _L1Pruning(PruningMethod):
@@ -82,6 +90,9 @@ class _L1Pruning(PruningMethod):
             ``prune.global_unstructured``).
     """
 
+    requires = (CONV,)
+    namespace = NAMESPACE
+
     def __init__(self, amount: float = 0.4, bn_amount: float = 0.3, scope: str = "layerwise", **kw):
         super().__init__(**kw)
         check_fraction("amount", amount)
@@ -91,20 +102,18 @@ class _L1Pruning(PruningMethod):
         self.amounts = {"conv": float(amount), "bn": float(bn_amount)}
         self.scope = scope
 
-    def check(self, net: nn.Module, ctx: Context) -> None:
-        if self.amounts["conv"] > 0 and not weights(net, nn.Conv2d):
-            raise ConfigError(f"prune={self.name} needs Conv2d layers; {getattr(net, 'arch', net)} has none")
-        if self.amounts["bn"] > 0 and not weights(net, nn.BatchNorm2d):
+    def check(self, net: Net, ctx: Context) -> None:
+        if self.amounts["bn"] > 0 and BATCHNORM not in net.contract.capabilities:
             log.warning("prune.bn_amount=%s: %s has no BatchNorm2d weights; only Conv2d is pruned "
-                        "(l1/bn_layers=0 records it)", self.amounts["bn"], getattr(net, "arch", "model"))
+                        "(l1/bn_layers=0 records it)", self.amounts["bn"], net.arch)
 
     def prune_all(self, net: nn.Module, amounts: dict[str, float]) -> None:
         for kind, amount in amounts.items():
             l1_prune(net, KINDS[kind], amount, self.scope)
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
-        return {**sparsity_metrics(net), "l1/conv_layers": len(weights(net, nn.Conv2d)),
-                "l1/bn_layers": len(weights(net, nn.BatchNorm2d))}
+        return {**sparsity_metrics(net), self.key("conv_layers"): len(weights(net, nn.Conv2d)),
+                self.key("bn_layers"): len(weights(net, nn.BatchNorm2d))}
 
 
 class L1Static(_L1Pruning):
@@ -228,8 +237,8 @@ class PaperDynamicPruning(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.history:
-            pl_module.log(tracking.L1_PRUNE_CONV_SPARSITY, self.history[-1][tracking.L1_CONV_SPARSITY], on_epoch=True)
-            pl_module.log(tracking.L1_PRUNE_BN_SPARSITY, self.history[-1][tracking.L1_BN_SPARSITY], on_epoch=True)
+            pl_module.log(L1_PRUNE_CONV_SPARSITY, self.history[-1][L1_CONV_SPARSITY], on_epoch=True)
+            pl_module.log(L1_PRUNE_BN_SPARSITY, self.history[-1][L1_BN_SPARSITY], on_epoch=True)
 
 
 class SparsityLogger(Callback):
@@ -237,8 +246,8 @@ class SparsityLogger(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         m = sparsity_metrics(pl_module)
-        pl_module.log(tracking.L1_EPOCH_CONV_SPARSITY, m[tracking.L1_CONV_SPARSITY], on_epoch=True)
-        pl_module.log(tracking.L1_EPOCH_BN_SPARSITY, m[tracking.L1_BN_SPARSITY], on_epoch=True)
+        pl_module.log(L1_EPOCH_CONV_SPARSITY, m[L1_CONV_SPARSITY], on_epoch=True)
+        pl_module.log(L1_EPOCH_BN_SPARSITY, m[L1_BN_SPARSITY], on_epoch=True)
 
 
 class L1Dynamic(_L1Pruning):
@@ -284,7 +293,7 @@ class L1Dynamic(_L1Pruning):
     def after_fit(self, net: nn.Module, ctx: Context) -> nn.Module:
         make_permanent(net)
         fit = sparsity_metrics(net)
-        ctx.log_metrics({"l1/fit_conv_sparsity": fit[tracking.L1_CONV_SPARSITY],
-                         "l1/fit_bn_sparsity": fit[tracking.L1_BN_SPARSITY]})
+        ctx.log_metrics({self.key("fit_conv_sparsity"): fit[L1_CONV_SPARSITY],
+                         self.key("fit_bn_sparsity"): fit[L1_BN_SPARSITY]})
         self.prune_all(net, self.final_amounts())  # zeros rank lowest: a no-op when the schedule completed
         return make_permanent(net)

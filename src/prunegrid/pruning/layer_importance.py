@@ -32,15 +32,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from prunegrid import tracking
 from prunegrid.errors import ConfigError
-from prunegrid.models.net import ClassifierHead, Net
+from prunegrid.models.net import REMOVABLE, ClassifierHead, Net
 from prunegrid.pruning.base import Context, PruningMethod
 
 log = logging.getLogger("prunegrid")
 
 SCORES = ("weight_x_activation", "abs_weight_sum", "abs_weight_activation")
-FEATURES = "features"
 
 
 # -- statistics and scores (pure functions) ------------------------------------------------------
@@ -159,19 +157,9 @@ def scored_layers(net: nn.Module, classes: tuple[type[nn.Module], ...]) -> list[
             if isinstance(m, classes) and isinstance(getattr(m, "weight", None), torch.Tensor)]
 
 
-def unit_of(layer_name: str) -> str | None:
-    """The ``net.features`` unit holding a layer (``features.layer1_0.conv1`` -> ``layer1_0``); None in the head."""
-    parts = layer_name.split(".")
-    return parts[1] if len(parts) > 1 and parts[0] == FEATURES else None
-
-
-def stage_of(net: nn.Module, unit: str | None) -> int:
-    """The stage index (0 = stem) of a unit in ``net.stages``; one past the last stage for the head."""
-    stages = getattr(net, "stages", [])
-    for i, names in enumerate(stages):
-        if unit in names:
-            return i
-    return len(stages)
+def stage_of(net: Net, layer: str) -> int:
+    """The stage index (0 = stem) of the unit holding a layer; one past the last stage for the head."""
+    return net.contract.stage_of(net.contract.unit_of(layer))
 
 
 @torch.no_grad()
@@ -199,7 +187,7 @@ def collect_activations(net: nn.Module, layers: list[tuple[str, nn.Module]],
     return acc
 
 
-def rank_layers(net: nn.Module, batches: Iterable, layer_types: Sequence[str] = ("Conv2d", "Linear", "BatchNorm2d"),
+def rank_layers(net: Net, batches: Iterable, layer_types: Sequence[str] = ("Conv2d", "Linear", "BatchNorm2d"),
                 score: str = "weight_x_activation") -> pd.DataFrame:
     """The ranking table of the paper (Tables 3-6): one row per scored layer, best first.
 
@@ -222,8 +210,8 @@ def rank_layers(net: nn.Module, batches: Iterable, layer_types: Sequence[str] = 
         value = {"weight_x_activation": lambda: p,
                  "abs_weight_sum": lambda: abs_weight_sum(m.weight),
                  "abs_weight_activation": lambda: abs_weight_activation(m.weight, a.channel_abs_mean())}[score]()
-        rows.append({"position": pos, "layer": name, "type": type(m).__name__, "unit": unit_of(name),
-                     "stage": stage_of(net, unit_of(name)),
+        rows.append({"position": pos, "layer": name, "type": type(m).__name__, "unit": net.contract.unit_of(name),
+                     "stage": stage_of(net, name),
                      "w_mean": ws.mean, "w_std": ws.std, "w_min": ws.min, "w_max": ws.max, "S_w": ws.score,
                      "a_mean": as_.mean, "a_std": as_.std, "a_min": as_.min, "a_max": as_.max, "S_a": as_.score,
                      "P": p, "score": value})
@@ -246,25 +234,6 @@ def select(ranking: pd.DataFrame, k: int | None = 6, cumulative_share: float | N
 
 # -- rebuilding --------------------------------------------------------------------------------
 
-@torch.no_grad()
-def unit_shapes(net: Net, input_size: int, channels: int = 3) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Input and output shape of every unit of ``net.features`` for one image of ``input_size``."""
-    shapes: dict[str, list] = {}
-    hooks = []
-    for name, unit in net.features.named_children():
-        hooks.append(unit.register_forward_hook(
-            lambda _m, inp, out, name=name: shapes.__setitem__(name, (tuple(inp[0].shape), tuple(out.shape)))))
-    was = net.training
-    net.eval()
-    try:
-        net.features(torch.zeros(1, channels, input_size, input_size, device=next(net.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-        net.train(was)
-    return shapes
-
-
 @dataclass
 class RebuildPlan:
     """What the rebuild did, unit by unit (names of ``net.features`` units)."""
@@ -280,32 +249,22 @@ class RebuildPlan:
         return self.replaced + self.dropped
 
 
-def removable_units(net: Net, input_size: int, shapes: dict | None = None) -> list[str]:
-    """Units after the stem that are not already identities and keep the shape (can be skipped)."""
-    shapes = shapes or unit_shapes(net, input_size)
-    names = net.unit_names()
-    return [n for n in names[1:] if not isinstance(net.features[names.index(n)], nn.Identity)
-            and shapes[n][0] == shapes[n][1]]
-
-
 def rebuild(net: Net, selected_layers: Iterable[str], input_size: int, dropout: float = 0.3) -> tuple[Net, RebuildPlan]:
     """A new :class:`Net` from the units holding ``selected_layers`` (see the module docstring).
 
-    Layers in the head select no unit. The kept units are copies; ``net`` is left unchanged.
+    Unit shapes and removability are the net's declared contract. Layers in the head select no
+    unit. The kept units are copies; ``net`` is left unchanged.
     """
-    names = net.unit_names()
-    shapes = unit_shapes(net, input_size)
-    selected_units = {u for u in map(unit_of, selected_layers) if u is not None}
-    unknown = selected_units - set(names)
-    if unknown:
-        raise ValueError(f"selected layers name units not in net.features: {sorted(unknown)}")
+    contract = net.contract
+    names = contract.names()
+    selected_units = {u for u in map(contract.unit_of, selected_layers) if u is not None}
     deepest = max((names.index(u) for u in selected_units), default=0)
-    removable = set(removable_units(net, input_size, shapes))
+    removable = set(contract.removable())
     plan = RebuildPlan(selected_units=[n for n in names if n in selected_units],
                        removable=[n for n in names if n in removable], dropped=names[deepest + 1:])
     units: list[tuple[str, nn.Module]] = []
     for i, name in enumerate(names[:deepest + 1]):
-        unit = net.features[i]
+        unit = net.unit(name)
         if i > 0 and name not in selected_units and name in removable:
             units.append((name, nn.Identity()))
             plan.replaced.append(name)
@@ -313,12 +272,12 @@ def rebuild(net: Net, selected_layers: Iterable[str], input_size: int, dropout: 
             units.append((name, copy.deepcopy(unit)))
             if not isinstance(unit, nn.Identity):
                 plan.kept.append(name)
-    channels = shapes[names[deepest]][1][1]
+    channels = contract.unit(names[deepest]).out_shape[0]
     kept = {n for n, _ in units}
-    stages = [s for s in ([n for n in stage if n in kept] for stage in getattr(net, "stages", [names])) if s]
-    head = ClassifierHead(channels, net.num_classes, dropout)
-    new = Net(units, head, stages, getattr(net, "arch", type(net).__name__), net.num_classes)
+    stages = [s for s in ([n for n in stage if n in kept] for stage in contract.stages) if s]
+    new = Net(units, ClassifierHead(channels, net.num_classes, dropout), stages, net.arch, net.num_classes)
     new.to(next(net.parameters()).device).train(net.training)
+    new.declare(input_size)
     return new, plan
 
 
@@ -336,12 +295,11 @@ def ablate(net: Net, units: Sequence[str], evaluate: Callable[[nn.Module], dict[
     base = evaluate(net)["acc"]
     rows = []
     for name in units:
-        original = net.features._modules[name]
-        net.features._modules[name] = nn.Identity()
+        original = net.set_unit(name, nn.Identity())
         try:
             acc = evaluate(net)["acc"]
         finally:
-            net.features._modules[name] = original
+            net.set_unit(name, original)
         rows.append({"unit": name, "acc": acc, "acc_drop": base - acc})
     df = pd.DataFrame(rows, columns=["unit", "acc", "acc_drop"])
     df.attrs["base_acc"] = base
@@ -427,17 +385,17 @@ class LayerImportance(PruningMethod):
         self.plan: RebuildPlan | None = None
         self.metrics: dict[str, float] = {}
 
-    def check(self, net: nn.Module, ctx: Context) -> None:
-        if not isinstance(net, Net):
-            raise ConfigError(f"prune=layer_importance needs a prunegrid Net backbone, got {type(net).__name__}")
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """The layer-removal check needs units that can be removed; the rebuild alone can only cut."""
+        return (REMOVABLE,) if self.ablation else ()
+
+    def check(self, net: Net, ctx: Context) -> None:
         n = len(scored_layers(net, self.layer_classes))
         if n == 0:
             raise ConfigError(f"prune.layer_types={self.layer_types} matches no layer of {net.arch}; change it")
         if self.cumulative_share is None and self.k > n:
             raise ConfigError(f"prune.k={self.k} is more than the {n} scored layers of {net.arch}; use k <= {n}")
-
-    def _key(self, name: str) -> str:
-        return tracking.method_key(self.name, name)
 
     def _calibration(self, ctx: Context):
         for i, batch in enumerate(ctx.loader("train")):
@@ -456,7 +414,7 @@ class LayerImportance(PruningMethod):
         ranking.to_csv(out / "ranking.csv", index=False)
         ctx.log_artifact(out / "ranking.csv", self.name)
         fig = ranking_figure(ranking, selected=len(chosen),
-                             title=f"{getattr(net, 'arch', '')}: layer importance ({self.score})")
+                             title=f"{net.arch}: layer importance ({self.score})")
         fig.savefig(out / "ranking.png", dpi=110)
         from prunegrid.plots import close
 
@@ -467,12 +425,12 @@ class LayerImportance(PruningMethod):
                                             "share", "cumulative_share"]].to_string(index=False))
 
         top_stages = ranking["stage"].iloc[:len(chosen)]
-        n_stages = max(1, len(getattr(net, "stages", [])))
+        n_stages = max(1, len(net.contract.stages))
         m = {"top_k_share": float(ranking["share"].iloc[:len(chosen)].sum()), "kept_layers": len(chosen),
              "top_stage_mean": float(top_stages.mean()), "top_stage_max": float(top_stages.max()),
              "top_early_share": float((top_stages < n_stages / 2).mean()), "stages": n_stages,
              "scored_layers": len(ranking),
-             "head_layers_selected": int(sum(unit_of(n) is None for n in chosen))}
+             "head_layers_selected": int(sum(net.contract.unit_of(n) is None for n in chosen))}
         if self.ablation:
             m["ablation_spearman"] = self._ablation(net, ranking, ctx, out)
 
@@ -481,11 +439,11 @@ class LayerImportance(PruningMethod):
         m.update({"kept_units": len(plan.kept), "removed_units": len(plan.removed),
                   "replaced_units": len(plan.replaced), "dropped_units": len(plan.dropped)})
         log.info("layer importance rebuild: kept %s; identity %s; dropped %s", plan.kept, plan.replaced, plan.dropped)
-        self.metrics = {self._key(k): float(v) for k, v in m.items()}
+        self.metrics = {self.key(k): float(v) for k, v in m.items()}
         return new
 
     def _ablation(self, net: Net, ranking: pd.DataFrame, ctx: Context, out: Path) -> float:
-        units = removable_units(net, ctx.input_size)
+        units = net.contract.removable()
         table = ablate(net, units, lambda n: ctx.evaluate(n, "val", max_batches=self.ablation_batches))
         scores = unit_scores(ranking)
         table.insert(1, "score", [float(scores.get(u, 0.0)) for u in table["unit"]])

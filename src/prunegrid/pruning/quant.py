@@ -18,7 +18,7 @@ model they quantized (``weight_counts``), so ``model/params`` and ``model/params
 the float model's and the grid shows 0 % parameter reduction; ``model/size_mb`` is the real
 INT8 file. Weights that INT8 rounding made zero are reported as ``quant_int8/int8_zero_share``.
 
-``net.features`` and ``net.head`` are quantized as two graphs so the result is still a
+The backbone must be FX-traceable (``requires``). ``net.features`` and ``net.head`` are quantized as two graphs so the result is still a
 :class:`~prunegrid.models.net.Net` (``arch``, ``num_classes``, ``stages``); it runs in eager
 PyTorch on CPU but has no gradients (no fine-tuning, no Grad-CAM). Ops the backend has no
 INT8 kernel for (e.g. SiLU, sigmoid) stay in float between dequantize / quantize steps; the
@@ -36,19 +36,39 @@ import torch
 from torch import nn
 
 from prunegrid import measure
-from prunegrid.errors import ConfigError
+from prunegrid.errors import ConfigError, one_line
+from prunegrid.models.net import FX, Net
 from prunegrid.pruning.base import Context, PruningMethod
 
 
-def quantize_module(module: nn.Module, batches, backend: str = "x86") -> nn.Module:
+OBSERVERS = ("minmax", "histogram")
+
+
+def qconfig_mapping(backend: str, observer: str = "minmax"):
+    """The backend's default FX quantization settings, with activation ranges from ``observer``:
+    ``minmax`` (the running min and max, as onnxruntime's default calibration, so the eager and the
+    ONNX Runtime INT8 models are calibrated alike) or ``histogram`` (torch's default: an L2 search
+    over a histogram per activation, slower: 50 s for EfficientNet-B5 here)."""
+    from torch.ao.quantization import MinMaxObserver, QConfig, get_default_qconfig_mapping
+
+    mapping = get_default_qconfig_mapping(backend)
+    if observer == "minmax":
+        default = mapping.global_qconfig
+        reduce_range = getattr(default.activation, "p", None)
+        keywords = dict(reduce_range.keywords) if reduce_range is not None else {}
+        mapping.set_global(QConfig(activation=MinMaxObserver.with_args(reduce_range=keywords.get("reduce_range", False)),
+                                   weight=default.weight))
+    return mapping
+
+
+def quantize_module(module: nn.Module, batches, backend: str = "x86", observer: str = "minmax") -> nn.Module:
     """Static INT8 quantization of ``module`` (FX graph mode), calibrated on ``batches`` of inputs."""
-    from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = backend
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation and observer notices, on every call
-        prepared = prepare_fx(module.eval(), get_default_qconfig_mapping(backend), (batches[0],))
+        prepared = prepare_fx(module.eval(), qconfig_mapping(backend, observer), (batches[0],))
         with torch.no_grad():
             for x in batches:
                 prepared(x)
@@ -100,17 +120,20 @@ class Int8Graph(nn.Module):
         return Int8Graph(copy.deepcopy(self.graph, memo), getattr(self, "weight_counts", None))
 
 
-def quantize_net(net: nn.Module, batches, backend: str = "x86") -> nn.Module:
-    """INT8 copy of a Net: ``features`` and ``head`` quantized as two graphs, the Net itself kept."""
+def quantize_net(net: Net, batches, backend: str = "x86", input_size: int | None = None,
+                 observer: str = "minmax") -> Net:
+    """INT8 copy of a Net: ``features`` and ``head`` quantized as two graphs, the Net itself kept
+    (its contract re-declared at ``input_size``, default the calibration images' size)."""
     net = copy.deepcopy(net).cpu().eval()
     with torch.no_grad():
         feats = [net.features(x) for x in batches]
-    counts = {part: (measure.count_params(getattr(net, part)), measure.count_nonzero_params(getattr(net, part)))
-              for part in ("features", "head")}
-    net.features = Int8Graph(quantize_module(net.features, batches, backend), counts["features"])
-    net.head = Int8Graph(quantize_module(net.head, feats, backend), counts["head"])
+    counts = {"features": (measure.count_params(net.features), measure.count_nonzero_params(net.features)),
+              "head": (measure.count_params(net.head), measure.count_nonzero_params(net.head))}
+    net.features = Int8Graph(quantize_module(net.features, batches, backend, observer), counts["features"])
+    net.head = Int8Graph(quantize_module(net.head, feats, backend, observer), counts["head"])
     for p in net.parameters():
         p.requires_grad_(False)
+    net.declare(input_size or int(batches[0].shape[-1]))
     return net
 
 
@@ -179,14 +202,16 @@ class QuantInt8(PruningMethod):
         calibration_batches: training batches run through the observers to set activation scales
             (the same images calibrate the ONNX Runtime INT8 model).
         onnx_format, onnx_per_channel, onnx_reduce_range: the ONNX Runtime INT8 model (:func:`quantize_onnx`).
+        activation_observer: ``minmax`` or ``histogram``, how eager INT8 sets activation ranges (:func:`qconfig_mapping`).
     """
 
     name = "quant_int8"
     from_baseline = True
+    requires = (FX,)
 
     def __init__(self, backend: str = "x86", calibration_batches: int = 8, finetune_epochs: int = 0,
                  baseline_ckpt: str | None = None, onnx_format: str = "qdq", onnx_per_channel: bool = True,
-                 onnx_reduce_range: bool = True):
+                 onnx_reduce_range: bool = True, activation_observer: str = "minmax"):
         if finetune_epochs:
             raise ConfigError(f"prune.finetune_epochs={finetune_epochs}: an INT8 model cannot be trained; set it to 0")
         super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=0)
@@ -196,7 +221,10 @@ class QuantInt8(PruningMethod):
             raise ConfigError(f"prune.backend={backend} is not a quantized engine of this torch; use one of {usable}")
         if calibration_batches is None or calibration_batches < 1:
             raise ConfigError(f"prune.calibration_batches={calibration_batches} must be 1 or more")
+        if activation_observer not in OBSERVERS:
+            raise ConfigError(f"prune.activation_observer={activation_observer} must be one of: {', '.join(OBSERVERS)}")
         self.backend = backend
+        self.activation_observer = activation_observer
         self.calibration_batches = int(calibration_batches)
         self.float_acc: float | None = None
         self.onnx_format, self.onnx_per_channel, self.onnx_reduce_range = onnx_format, bool(onnx_per_channel), \
@@ -205,23 +233,9 @@ class QuantInt8(PruningMethod):
         self._batches: list[torch.Tensor] = []
         self.onnx_path: Path | None = None
 
-    def check(self, net: nn.Module, ctx: Context) -> None:
-        """FX-trace ``features`` and ``head`` now: a backbone FX cannot trace fails before training.
-
-        (Ops without an INT8 kernel do not fail: they stay float and ``quant_int8/float_layers`` counts them.)
-        """
-        import torch.fx
-
-        for part in ("features", "head"):
-            try:
-                torch.fx.symbolic_trace(getattr(net, part))
-            except Exception as exc:
-                raise self._unquantizable(net, exc) from exc
-
-    def _unquantizable(self, net: nn.Module, exc: Exception) -> ConfigError:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        return ConfigError(f"backbone {getattr(net, 'arch', type(net).__name__)} cannot be INT8-quantized with backend "
-                           f"{self.backend} ({type(exc).__name__}: {first}); use another prune method")
+    def _unquantizable(self, net: Net, exc: Exception) -> ConfigError:
+        return ConfigError(f"backbone {net.arch} cannot be INT8-quantized with backend {self.backend} "
+                           f"({one_line(exc)[:200]}); use another prune method")
 
     def after_fit(self, net: nn.Module, ctx: Context) -> nn.Module:
         batches = []
@@ -232,7 +246,7 @@ class QuantInt8(PruningMethod):
         self.float_acc = ctx.evaluate(net, "val")["acc"]
         self._float_net, self._batches = net, batches
         try:
-            return quantize_net(net, batches, self.backend)
+            return quantize_net(net, batches, self.backend, ctx.input_size, self.activation_observer)
         except Exception as exc:
             raise self._unquantizable(net, exc) from exc
 
@@ -251,13 +265,12 @@ class QuantInt8(PruningMethod):
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
         int8 = list(measure.weight_tensors(net, declared=False))
-        extra = {f"{self.name}/int8_zero_share": measure.sparsity(int8)}
+        m = {"int8_zero_share": measure.sparsity(int8),
+             "quantized_layers": float(quantized_layers(net)),
+             "float_layers": float(float_layers(net)),
+             "val_acc_float": self.float_acc if self.float_acc is not None else float("nan"),
+             "val_acc_int8": ctx.evaluate(net, "val")["acc"],
+             "calibration_batches": float(self.calibration_batches)}
         if self.onnx_path is not None and self.onnx_path.is_file():
-            extra[f"{self.name}/val_acc_int8_onnx"] = onnx_accuracy(self.onnx_path, ctx.loader("val", shuffle=False))
-        return {**extra,
-            f"{self.name}/quantized_layers": float(quantized_layers(net)),
-            f"{self.name}/float_layers": float(float_layers(net)),
-            f"{self.name}/val_acc_float": self.float_acc if self.float_acc is not None else float("nan"),
-            f"{self.name}/val_acc_int8": ctx.evaluate(net, "val")["acc"],
-            f"{self.name}/calibration_batches": float(self.calibration_batches),
-        }
+            m["val_acc_int8_onnx"] = onnx_accuracy(self.onnx_path, ctx.loader("val", shuffle=False))
+        return {self.key(k): v for k, v in m.items()}

@@ -1,22 +1,30 @@
 """``prune=slimming``: network slimming (Liu et al., ICCV 2017, "Learning Efficient Convolutional
 Networks through Network Slimming"), named as future work in Ju & Kang (on-device lightweight methods).
 
-Training adds an L1 penalty on every BatchNorm scale gamma (its subgradient
-``lambda * sign(gamma)`` is added to the gammas' gradients after each backward pass), which
-drives the scales of unneeded channels towards zero. After training, channels are ranked by
+Training adds an L1 penalty on every BatchNorm scale gamma: after each backward pass
+torch-pruning's ``BNScalePruner.regularize`` adds its subgradient ``lambda * sign(gamma)`` to the
+gammas' gradients (the classifier excluded), which drives the scales of unneeded channels towards
+zero. The paper trains with SGD; with Adam / AdamW (this project's default optimizer) the added
+term is divided by the running second moment of each gamma's gradient like the rest of it, so a
+given ``lambda`` is not the paper's penalty and values compare only within one optimizer. After training, channels are ranked by
 |gamma| across the whole network (one global threshold, as in the paper) and removed with the
 same torch-pruning code as :mod:`prunegrid.pruning.channel`; then the slim model is fine-tuned.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch_pruning as tp
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from prunegrid import measure
 from prunegrid.errors import ConfigError
+from prunegrid.models.net import BATCHNORM, CONV, Net
 from prunegrid.pruning.base import Context
-from prunegrid.pruning.channel import ChannelPruning
+from prunegrid.pruning.channel import ChannelPruning, protected_layers
 
 
 def bn_scales(net: nn.Module) -> torch.Tensor:
@@ -27,15 +35,36 @@ def bn_scales(net: nn.Module) -> torch.Tensor:
 
 
 class BNSparsity(Callback):
-    """Adds the subgradient of ``lambda * sum |gamma|`` to the BatchNorm scales' gradients."""
+    """Sparsity training: torch-pruning's ``BNScalePruner.regularize`` after every backward pass.
 
-    def __init__(self, sparsity_lambda: float):
-        self.sparsity_lambda = float(sparsity_lambda)
+    The pruner is built on the net when the fit starts (at ``input_size``), with the contract's
+    protected layers ignored.
+    """
+
+    def __init__(self, sparsity_lambda: float, input_size: int):
+        self.sparsity_lambda, self.input_size = float(sparsity_lambda), int(input_size)
+        self.pruner: tp.pruner.BNScalePruner | None = None
+
+    def attach(self, net: Net) -> None:
+        flags = [p.requires_grad for p in net.parameters()]
+        for p in net.parameters():  # DepGraph traces through autograd (frozen stages included)
+            p.requires_grad_(True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.pruner = tp.pruner.BNScalePruner(
+                    net, torch.zeros(1, 3, self.input_size, self.input_size, device=measure._device(net)),
+                    importance=tp.importance.BNScaleImportance(), reg=self.sparsity_lambda,
+                    ignored_layers=protected_layers(net))
+        finally:
+            for p, flag in zip(net.parameters(), flags):
+                p.requires_grad_(flag)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.attach(pl_module.net)
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        for m in pl_module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight.grad is not None:
-                m.weight.grad.add_(self.sparsity_lambda * torch.sign(m.weight.detach()))
+        self.pruner.regularize(pl_module.net)
 
 
 class NetworkSlimming(ChannelPruning):
@@ -50,6 +79,7 @@ class NetworkSlimming(ChannelPruning):
 
     name = "slimming"
     from_baseline = False
+    requires = (CONV, BATCHNORM)
 
     def __init__(self, sparsity_lambda: float = 1e-3, ratio: float = 0.5, max_layer_ratio: float = 0.9,
                  finetune_epochs: int = 1, baseline_ckpt: str | None = None):
@@ -62,27 +92,21 @@ class NetworkSlimming(ChannelPruning):
         self.sparsity_lambda = float(sparsity_lambda)
         self.gamma_before: torch.Tensor | None = None
 
-    def check(self, net: nn.Module, ctx: Context) -> None:
-        super().check(net, ctx)
-        if bn_scales(net).numel() == 0:
-            raise ConfigError(f"prune=slimming needs BatchNorm layers; {getattr(net, 'arch', 'this backbone')} has "
-                              "none, use prune=channel")
-
     def before_fit(self, net: nn.Module, ctx: Context) -> nn.Module:
         self.gamma_before = bn_scales(net).abs().clone()
         return net
 
     def callbacks(self, ctx: Context) -> list:
-        return [BNSparsity(self.sparsity_lambda)]
+        return [BNSparsity(self.sparsity_lambda, ctx.input_size)]
 
     def after_fit(self, net: nn.Module, ctx: Context) -> nn.Module:
         gamma = bn_scales(net).abs()
         ctx.log_metrics({
-            f"{self.name}/bn_l1_before": float(self.gamma_before.mean()) if self.gamma_before is not None else float("nan"),
-            f"{self.name}/bn_l1_after_train": float(gamma.mean()),
-            f"{self.name}/bn_small_share": float((gamma < 0.01 * gamma.max()).float().mean()),
+            self.key("bn_l1_before"): float(self.gamma_before.mean()) if self.gamma_before is not None else float("nan"),
+            self.key("bn_l1_after_train"): float(gamma.mean()),
+            self.key("bn_small_share"): float((gamma < 0.01 * gamma.max()).float().mean()),
         })
         return super().after_fit(net, ctx)
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
-        return {**super().report(net, ctx), f"{self.name}/sparsity_lambda": self.sparsity_lambda}
+        return {**super().report(net, ctx), self.key("sparsity_lambda"): self.sparsity_lambda}
