@@ -29,10 +29,30 @@ ENTRY_POINTS = {
 }
 
 
-def run(entry: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, entry] if entry.endswith(".py") else [sys.executable, "-m", entry]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+SUBPROCESS = {"train.py", "prunegrid.grid"}   # the rest run in process, exactly as ``python -m`` would (runpy)
+
+
+def run(entry: str, *args: str, capsys=None) -> subprocess.CompletedProcess:
+    """The entry point's exit code, stdout and stderr: in a fresh process for :data:`SUBPROCESS`
+    (Hydra's own start-up, ``-m`` wiring), else in this one through ``runpy`` (seconds saved per call)."""
+    if entry in SUBPROCESS or capsys is None:
+        cmd = [sys.executable, entry] if entry.endswith(".py") else [sys.executable, "-m", entry]
+        env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+        return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    import runpy
+    import warnings
+
+    capsys.readouterr()
+    code = 0
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # runpy: "found in sys.modules" for an imported module
+        mp.setattr(sys, "argv", [entry, *args])
+        try:
+            runpy.run_module(entry, run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([entry, *args], code, out.out, out.err)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str = "") -> None:
@@ -45,8 +65,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str = "") -
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_help(entry):
-    proc = run(entry, "--help")
+def test_help(entry, capsys):
+    proc = run(entry, "--help", capsys=capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     if not entry.endswith(".py"):
         assert proc.stdout.startswith("usage: ")
@@ -54,8 +74,8 @@ def test_help(entry):
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_unknown_flag_is_one_line(entry):
-    assert_one_line_error(run(entry, "--no-such-flag"))  # or "required: ..." where arguments are required
+def test_unknown_flag_is_one_line(entry, capsys):
+    assert_one_line_error(run(entry, "--no-such-flag", capsys=capsys))  # or "required: ..." where arguments are required
 
 
 @pytest.mark.parametrize("override, needle", [("backbone=nope", "unknown backbone 'nope'"),
