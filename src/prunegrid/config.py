@@ -1,7 +1,9 @@
 """Config helpers shared by ``train.py``, the tests, the grid and the sweeps.
 
-Every option of a config group is one YAML in ``conf/<group>/`` with a ``name`` key equal to
-its file name; :func:`build` instantiates such a node without passing ``name`` on.
+Every option of a config group is one YAML in ``conf/<group>/``. A cell is labelled by the option
+chosen in each cell group (Hydra's runtime choices); a YAML may compute its own ``label`` instead
+(``none`` with fine-tuning is ``none_ftF``; the generic backbones add their ``arch``).
+:func:`build` instantiates a node without passing ``label`` on.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import prunegrid.grid  # noqa: F401  (registers the config resolvers, e.g. reference_name)
 from prunegrid.errors import ConfigError, PrunegridError
@@ -54,7 +56,13 @@ def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictC
     overrides = list(overrides)
     check_overrides(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    picked = {g: str(v) for g, v in cfg.hydra.runtime.choices.items() if g in CELL_GROUPS and v is not None}
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if picked:
+            cfg.choices = picked
+    return cfg
 
 
 def build(node: DictConfig | None, **kwargs: Any) -> Any:
@@ -62,7 +70,7 @@ def build(node: DictConfig | None, **kwargs: Any) -> Any:
     if node is None:
         return None
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    data.pop("name", None)
+    data.pop("label", None)
     try:
         return instantiate(data, **kwargs)
     except InstantiationException as exc:  # keep our one-line errors one line
@@ -84,6 +92,20 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def choices(cfg: DictConfig) -> dict[str, str]:
+    """The option chosen in each cell group: recorded by :func:`compose`, else Hydra's runtime choices
+    (``train.py``, multirun jobs)."""
+    if cfg.get("choices"):
+        return {k: str(v) for k, v in cfg.choices.items()}
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("the config was not composed by Hydra; compose it with prunegrid.config.compose")
+    return {g: str(v) for g, v in HydraConfig.get().runtime.choices.items() if g in CELL_GROUPS}
+
+
 def cell(cfg: DictConfig) -> dict[str, str]:
-    """The cell a config describes: the option names of the cell groups, plus the seed."""
-    return {**{g: str(cfg[g].name) for g in CELL_GROUPS}, "seed": str(cfg.seed)}
+    """The cell a config describes: the option chosen in each cell group (or the label its YAML
+    computes), plus the seed."""
+    picked = choices(cfg)
+    return {**{g: str(cfg[g].get("label") or picked[g]) for g in CELL_GROUPS}, "seed": str(cfg.seed)}

@@ -100,7 +100,7 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def pretrained_path(cfg: DictConfig, backbone: str | None = None) -> Path:
     """Where the grid's ``pretrain`` stage writes a backbone's source-task weights."""
-    return Path(cfg.transfer.dir) / f"{backbone or cfg.backbone.name}-{cfg.transfer.source}.pt"
+    return Path(cfg.transfer.dir) / f"{backbone or cell(cfg)['backbone']}-{cfg.transfer.source}.pt"
 
 
 class Cell:

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunegrid import tracking
 from prunegrid.cli import ArgumentParser, guard
-from prunegrid.config import build, compose, conf_dir
+from prunegrid.config import build, cell, compose, conf_dir
 from prunegrid.errors import ConfigError
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -177,7 +177,7 @@ def _check_space_keys(preset: DictConfig, overrides: list[str]) -> DictConfig:
     cfg = compose([*preset.get("overrides", []), *overrides])
     missing = [k for k in preset.space if OmegaConf.select(cfg, k, default="__missing__") == "__missing__"]
     if missing:
-        raise ConfigError(f"sweep space key '{missing[0]}' is not in the config of {cfg.prune.name}; "
+        raise ConfigError(f"sweep space key '{missing[0]}' is not in the config of {cell(cfg)['prune']}; "
                           f"check the preset's overrides (e.g. prune=...)")
     return cfg
 
@@ -211,9 +211,10 @@ def _parent_run(study: optuna.Study, cfg: DictConfig, preset: DictConfig) -> str
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
         return run_id
-    experiment = preset.get("experiment") or cfg.tracking.get("experiment") or cfg.dataset.name
+    labels = cell(cfg)
+    experiment = preset.get("experiment") or cfg.tracking.get("experiment") or labels["dataset"]
     run_id = tracking.start_parent_run(cfg.tracking.get("uri"), experiment, f"sweep-{study.study_name}",
-                                       {"sweep": str(study.study_name), "prune": str(cfg.prune.name)})
+                                       {"sweep": str(study.study_name), "prune": labels["prune"]})
     study.set_user_attr(PARENT_ATTR, run_id)
     return study.user_attrs.get(PARENT_ATTR, run_id)
 

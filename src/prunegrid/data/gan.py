@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
 from prunegrid import tracking
-from prunegrid.config import build, compose, flatten
+from prunegrid.config import build, cell, compose, flatten
 from prunegrid.data.synthetic import class_dirname
 from prunegrid.errors import ConfigError
 
@@ -345,7 +345,7 @@ def augment(opts: GanOptions) -> dict[str, Any]:
     if opts.threads:
         torch.set_num_threads(int(opts.threads))
     x, y, classes, cfg = real_training_images(opts)
-    dataset = str(cfg.dataset.name)
+    dataset = cell(cfg)["dataset"]
     k = len(classes)
     tracker = None
     if opts.track:
