@@ -8,7 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from prunegrid import budget, pretrain
-from prunegrid.config import build, compose
+from prunegrid.config import build, cell, compose
 from prunegrid.errors import ConfigError
 from prunegrid.pipeline import run
 from tests.conftest import tiny
@@ -79,7 +79,7 @@ def test_budget_match_errors_are_one_line(tmp_path, baseline):
 def test_reference_names():
     assert budget.reference_name(0) == "none" and budget.reference_name(2) == "none_ft2"
     assert budget.is_baseline_family("none_ft3") and not budget.is_baseline_family("none_ftx")
-    assert compose(["prune=none", "prune.finetune_epochs=2"]).prune.name == "none_ft2"
+    assert cell(compose(["prune=none", "prune.finetune_epochs=2"]))["prune"] == "none_ft2"
     assert build(compose(["prune=channel"]).prune).reference == "none_ft1"
     assert build(compose(["prune=quant_int8"]).prune).reference == "none"
 

@@ -63,16 +63,16 @@ def test_augment_writes_tree_and_logs_mlflow(tmp_path, fashion_dir):
     out = tmp_path / "syn"
     assert sorted(d.name for d in out.iterdir() if d.is_dir()) == sorted(class_dirname(c) for c in FASHION_MNIST_CLASSES)
     assert s["generated"] == 60 and 0 <= s["rejected_share"] <= 1 and s["kept"] == sum(s["kept_per_class"].values())
-    assert json.loads((out / tracking.ARTIFACT_GAN_SUMMARY).read_text())["kept"] == s["kept"]
+    assert json.loads((out / gan.ARTIFACT_GAN_SUMMARY).read_text())["kept"] == s["kept"]
     assert "classifier's softmax" in s["note"]
     client = MlflowClient(uri)
     run = client.get_run(s["run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "fashion_mnist"
-    assert run.data.tags[tracking.TAG_JOB] == tracking.JOB_GAN and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(s["run_id"], tracking.GAN_LOSS_G)] == [0, 1]
-    for key in (tracking.GAN_IS_ALL, tracking.GAN_REJECTED_SHARE, tracking.GAN_KEPT, tracking.GAN_IS_REAL):
+    assert run.data.tags[tracking.TAG_JOB] == gan.JOB_GAN and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(s["run_id"], gan.GAN_LOSS_G)] == [0, 1]
+    for key in (gan.GAN_IS_ALL, gan.GAN_REJECTED_SHARE, gan.GAN_KEPT, gan.GAN_IS_REAL):
         assert key in run.data.metrics
-    grids = client.list_artifacts(s["run_id"], tracking.ARTIFACT_GAN_SAMPLES)
+    grids = client.list_artifacts(s["run_id"], gan.ARTIFACT_GAN_SAMPLES)
     assert len(grids) == 10 and all(a.path.endswith(".png") for a in grids)
 
 

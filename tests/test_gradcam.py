@@ -202,7 +202,7 @@ def test_pipeline_logs_gradcam_and_self_agreement(none_run):
 def test_method_run_compares_with_the_baseline_run(none_run):
     tmp, uri, base_id, _ = none_run
     # a method cell (named "copy": trains like none) in the same store finds and downloads the baseline
-    metrics = pipeline.run(compose(tiny(tmp, "backbone=simple_cnn", "+prune.label=copy")))
+    metrics = pipeline.run(compose(tiny(tmp, "backbone=simple_cnn", "prune.label=copy")))
     iou = metrics[tracking.CAM_AGREEMENT]
     assert 0.0 <= iou <= 1.0 and -1.0 <= metrics[tracking.CAM_PEARSON] <= 1.0
     client = MlflowClient(uri)

@@ -72,7 +72,7 @@ class Recorder:
         return DataLoader(TensorDataset(self.x, self.y), batch_size=N // 2)
 
     def fit(self, net: nn.Module, epochs: int, callbacks=(), **_) -> nn.Module:
-        module = Classifier(net, self.loss, lambda p: torch.optim.SGD(p, lr=1e-3), None, CLASSES)
+        module = Classifier(net, self.loss, lambda p: torch.optim.AdamW(p, lr=1e-3), None, CLASSES)
         trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, callbacks=list(callbacks), accelerator="cpu")

@@ -33,7 +33,7 @@ def test_run_records_every_contract_key(tmp_path, fashion_dir):
         assert tag in r.data.tags, tag
     assert r.data.tags["backbone"] == "resnet18" and r.data.tags["prune"] == "none"
     assert r.data.tags["data_md5"].endswith(".dir")
-    assert r.data.params["prune.name"] == "none" and r.data.params["trainer.max_epochs"] == "1"
+    assert r.data.params["choices.prune"] == "none" and r.data.params["trainer.max_epochs"] == "1"
     top = {a.path for a in client.list_artifacts(r.info.run_id)}
     model = {a.path for a in client.list_artifacts(r.info.run_id, tracking.ARTIFACT_MODEL_DIR)}
     for name in tracking.REQUIRED_ARTIFACTS:

@@ -104,6 +104,16 @@ def choices(cfg: DictConfig) -> dict[str, str]:
     return {g: str(v) for g, v in HydraConfig.get().runtime.choices.items() if g in CELL_GROUPS}
 
 
+def with_choices(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the option chosen in each cell group recorded under ``choices`` (logged as the
+    ``choices.*`` params), whether it came from :func:`compose` or from ``@hydra.main``."""
+    if not cfg.get("choices"):
+        picked = choices(cfg)
+        with open_dict(cfg):
+            cfg.choices = picked
+    return cfg
+
+
 def cell(cfg: DictConfig) -> dict[str, str]:
     """The cell a config describes: the option chosen in each cell group (or the label its YAML
     computes), plus the seed."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ from torch import nn
 
 from prunegrid import measure, plots, tracking
 from prunegrid.budget import TAG_REF_PRUNE, Budget
-from prunegrid.config import build, cell, flatten
+from prunegrid.config import build, cell, flatten, with_choices
 from prunegrid.errors import ConfigError, one_line
 from prunegrid.models.module import Classifier
-from prunegrid.models.net import Net
+from prunegrid.models.net import FLOAT, Net
 from prunegrid.pruning.base import Context, PruningMethod
 
 log = logging.getLogger("prunegrid")
@@ -171,22 +172,21 @@ class Cell:
                 log.warning("best checkpoint does not fit the model changed during training; keeping the last weights")
         return module.net
 
-    @torch.no_grad()
     def evaluate(self, net: nn.Module, split: str = "val", max_batches: int | None = None) -> dict[str, float]:
-        """Accuracy and mean loss of ``net`` on a split, in a plain loop (no Lightning)."""
+        """Accuracy and mean loss of ``net`` on a split (``trainer.validate``; ``max_batches`` caps the
+        batches read, else the whole split). The net's train/eval mode is kept."""
+        module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
+        on_cpu = isinstance(net, Net) and net.contract is not None and FLOAT not in net.contract.capabilities
+        node = OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"])
+        trainer = build(node, logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=max_batches or 1.0,
+                        default_root_dir=str(self.out), **({"accelerator": "cpu"} if on_cpu else {}))
         was = net.training
-        net.eval()
-        correct = total = 0
-        loss_sum = 0.0
-        for i, (x, y) in enumerate(self.data.loader(split, shuffle=False)):
-            if max_batches is not None and i >= max_batches:
-                break
-            logits = net(x)
-            loss_sum += float(self.loss(logits, y)) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
-        net.train(was)
-        return {"acc": correct / max(1, total), "loss": loss_sum / max(1, total)}
+        try:
+            (res,) = trainer.validate(module, dataloaders=self.data.loader(split, shuffle=False), verbose=False)
+        finally:
+            net.train(was)
+        return {"acc": float(res["val/acc"]), "loss": float(res["val/loss"])}
 
     def context(self) -> Context:
         tr = self.tracker
@@ -268,14 +268,38 @@ def train_or_load(c: Cell, ctx: Context, start_net: nn.Module | None,
     return net
 
 
-def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
-    """Train, lighten, measure and track one cell; return its metrics.
+@dataclass
+class CellResult(Mapping):
+    """What :func:`run` returns. It reads as the run's metrics (``result["test/acc"]``) and carries
+    the MLflow run id, the saved final model, the test results (per-class arrays, predictions) and
+    one :class:`FitStats` per fit."""
+
+    metrics: dict[str, float]
+    run_id: str
+    model_path: Path | None = None
+    test: dict[str, Any] = field(default_factory=dict)
+    fits: list[FitStats] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+    def __iter__(self):
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+
+def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
+    """Train, lighten, measure and track one cell; return its :class:`CellResult`.
 
     One sequence for every method: train or load the baseline (:func:`train_or_load`), apply
     the method (``after_fit``), fine-tune for exactly ``finetune_epochs``, then read the
-    validation split once more and the test split once.
+    validation split once more and the test split once; then the same measurements for every
+    method (:func:`measure_model`), the reports and the Grad-CAM explanations.
     """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    cfg = with_choices(cfg)
     c = Cell(cfg)
     baseline_net = copy.deepcopy(c.net)
     c.method.serves(c.net)
@@ -304,21 +328,30 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
             net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx), early_stopping=False)
 
         metrics = {f"val/final_{k}": v for k, v in c.evaluate(net, "val").items()}
-        metrics.update(_evaluate_and_measure(c, net, baseline_net))
+        test = c.test(net)
+        metrics.update(metrics_of_test(test, c.data.classes))
+        net.train_budget = c.budget.as_dict()
+        net, baseline_net = net.cpu(), baseline_net.cpu()
+        model_path = measure.save_model(net, tr.artifact_dir / tracking.MODEL_FILE)
+        tr.log_artifact(model_path, tracking.ARTIFACT_MODEL_DIR)
+        metrics.update(measure_model(net, baseline_net, model_path, method=c.method, input_size=c.input_size,
+                                     mcfg=cfg.measure, tr=tr))
+        metrics.update(fit_metrics(c.fits, c.budget))
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)
-        _log_reports(c, tr)
+        _log_reports(tr, test, c.data.classes, c.logger.history)
         from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (BaiNa & Joe (explainable channel attention))
         metrics.update(log_run_explanations(
             net, test=c.data.full_test, transform=c.data.transform(False), classes=c.data.classes,
             normalized=bool(c.data.normalize), cell=c.cell, input_size=c.input_size, ecfg=cfg.get("explain"),
             tr=tr, baseline_ckpt=c.method.baseline_ckpt))
-    _write_outputs(cfg, net, metrics, c)
-    _summary(c, metrics)
-    return metrics
+    result = CellResult(metrics, tr.run_id, model_path, test, list(c.fits))
+    _write_outputs(cfg, net, result, c.cell)
+    _summary(c.cell, result, tr.uri)
+    return result
 
 
-def _write_outputs(cfg: DictConfig, net: nn.Module, metrics: dict[str, float], c: Cell) -> None:
+def _write_outputs(cfg: DictConfig, net: nn.Module, result: CellResult, cell: dict[str, str]) -> None:
     """The final model and a metrics JSON at fixed paths, for DVC's per-cell ``outs`` and ``metrics``."""
     if cfg.paths.get("model_out"):
         measure.save_model(net, cfg.paths.model_out)
@@ -331,131 +364,133 @@ def _write_outputs(cfg: DictConfig, net: nn.Module, metrics: dict[str, float], c
 
         out = Path(cfg.paths.metrics_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"run_id": c.tracker.run_id, **c.cell, **metrics}, indent=1, sort_keys=True))
+        out.write_text(json.dumps({"run_id": result.run_id, **cell, **result.metrics}, indent=1, sort_keys=True))
 
 
-def _summary(c: Cell, m: dict[str, float]) -> None:
+def _summary(cell: dict[str, str], result: CellResult, uri: str) -> None:
+    m = result.metrics
     keys = ["test/acc", "test/f1_macro", "model/params", "model/params_nonzero", "model/flops", "model/size_mb",
             "time/train_s", "time/epoch_s", "time/infer_ms", "speedup/infer", "time/infer_ms_onnx",
             "speedup/infer_onnx", "memory/infer_peak_mb", "memory/train_peak_mb"]
     width = max(map(len, keys))
     lines = [f"{k:<{width}}  {m[k]:,.4g}" if abs(m[k]) < 1e5 else f"{k:<{width}}  {m[k]:,.0f}" for k in keys if k in m]
-    print(f"\nprunegrid: {tracking.run_name(c.cell)} -> run {c.tracker.run_id} in {c.tracker.uri}")
+    print(f"\nprunegrid: {tracking.run_name(cell)} -> run {result.run_id} in {uri}")
     print("\n".join(lines))
 
 
-def _evaluate_and_measure(c: Cell, net: nn.Module, baseline_net: nn.Module) -> dict[str, float]:
-    res = c.test(net)
-    c.test_results = res
+def metrics_of_test(res: dict[str, Any], classes: list[str]) -> dict[str, float]:
+    """``test/acc``, ``test/loss``, ``test/f1_macro`` and the per-class metrics of one test pass."""
     m: dict[str, float] = {"test/acc": float(res["acc"]), "test/loss": float(res["loss"]),
                            "test/f1_macro": float(res["f1_macro"])}
     for kind in tracking.PER_CLASS_KINDS:
-        for name, value in zip(c.data.classes, res[kind].tolist()):
+        for name, value in zip(classes, res[kind].tolist()):
             m[tracking.class_key(kind, name)] = float(value)
-
-    net.train_budget = c.budget.as_dict()
-    net, baseline_net = net.cpu(), baseline_net.cpu()
-    path = measure.save_model(net, c.tracker.artifact_dir / tracking.MODEL_FILE)
-    c.tracker.log_artifact(path, tracking.ARTIFACT_MODEL_DIR)
-    c.model_path = path
-    m.update(measure.static_metrics(net, c.input_size))
-    m["model/size_mb"] = measure.file_size_mb(path)
-    m[tracking.SIZE_COMPRESSED] = measure.compressed_size_mb(net)
-    base_static = measure.static_metrics(baseline_net, c.input_size)
-    m.update({tracking.BASELINE_PREFIX + k.split("/", 1)[1]: v for k, v in base_static.items()
-              if k in ("model/params", "model/flops")})
-    device = measure.resolve_device(c.cfg.measure.get("device", "auto"), net, c.input_size)
-    c.tracker.set_tags({tracking.TAG_MEASURE_DEVICE: device})
-    m.update(_latency(c, net, baseline_net, device))
-    m.update(_onnx_metrics(c, net, baseline_net))
-    m.update(_memory(c, path, device))
-
-    last = c.fits[-1] if c.fits else FitStats()
-    m["time/train_s"] = sum(f.seconds for f in c.fits)
-    m["time/epoch_s"] = sum(last.epoch_times) / len(last.epoch_times) if last.epoch_times else 0.0
-    m["memory/train_peak_mb"] = max((f.peak_mb for f in c.fits), default=0.0)
-    if c.fits:
-        m["memory/train_process_peak_mb"] = max(f.process_peak_mb for f in c.fits)
-    m.update(c.budget.metrics())
     return m
 
 
-def _deployments(c: Cell) -> list[measure.Setting]:
-    mcfg = c.cfg.measure
+def fit_metrics(fits: list[FitStats], budget: Budget) -> dict[str, float]:
+    """Training time, the last fit's mean epoch time, training memory and the budget of all fits."""
+    last = fits[-1] if fits else FitStats()
+    m = {"time/train_s": sum(f.seconds for f in fits),
+         "time/epoch_s": sum(last.epoch_times) / len(last.epoch_times) if last.epoch_times else 0.0,
+         "memory/train_peak_mb": max((f.peak_mb for f in fits), default=0.0)}
+    if fits:
+        m["memory/train_process_peak_mb"] = max(f.process_peak_mb for f in fits)
+    m.update(budget.metrics())
+    return m
+
+
+def measure_model(net: nn.Module, baseline_net: nn.Module, model_path: Path, *, method: PruningMethod,
+                  input_size: int, mcfg: DictConfig, tr: tracking.Tracker) -> dict[str, float]:
+    """The measurements every cell gets, the same functions for the baseline and every method:
+    parameters, FLOPs and size (the dense baseline's counts alongside), latency against the dense
+    baseline in eager PyTorch and in ONNX Runtime, and the saved model's memory."""
+    m = measure.static_metrics(net, input_size)
+    m["model/size_mb"] = measure.file_size_mb(model_path)
+    m[tracking.SIZE_COMPRESSED] = measure.compressed_size_mb(net)
+    base_static = measure.static_metrics(baseline_net, input_size)
+    m.update({tracking.BASELINE_PREFIX + k.split("/", 1)[1]: v for k, v in base_static.items()
+              if k in ("model/params", "model/flops")})
+    device = measure.resolve_device(mcfg.get("device", "auto"), net, input_size)
+    tr.set_tags({tracking.TAG_MEASURE_DEVICE: device})
+    m.update(_latency(net, baseline_net, input_size, mcfg, device))
+    m.update(_onnx_metrics(method, net, baseline_net, input_size, mcfg, tr))
+    m.update(_memory(model_path, input_size, mcfg, device, tr))
+    return m
+
+
+def _deployments(mcfg: DictConfig) -> list[measure.Setting]:
     return measure.settings(mcfg.threads, mcfg.get("threads_all"), mcfg.batch_size)
 
 
-def _latency(c: Cell, net: nn.Module, baseline_net: nn.Module, device: str) -> dict[str, float]:
+def _latency(net: nn.Module, baseline_net: nn.Module, input_size: int, mcfg: DictConfig,
+             device: str) -> dict[str, float]:
     """Eager latency of the final model against the dense baseline, interleaved, on ``device``
     (``measure.device``, ``auto``: the GPU when there is one and the model runs there; an INT8
     model runs on the CPU)."""
-    mcfg = c.cfg.measure
     net, baseline_net = net.to(device), baseline_net.to(device)
     try:
         return measure.latency_metrics(
-            lambda s: measure.compare_eager(net, baseline_net, c.input_size, s, warmup=mcfg.warmup,
-                                            repeats=mcfg.repeats), _deployments(c))
+            lambda s: measure.compare_eager(net, baseline_net, input_size, s, warmup=mcfg.warmup,
+                                            repeats=mcfg.repeats), _deployments(mcfg))
     finally:
         net.cpu()
         baseline_net.cpu()
 
 
-def _onnx_metrics(c: Cell, net: nn.Module, baseline_net: nn.Module) -> dict[str, float]:
+def _onnx_metrics(method: PruningMethod, net: nn.Module, baseline_net: nn.Module, input_size: int,
+                  mcfg: DictConfig, tr: tracking.Tracker) -> dict[str, float]:
     """The method's ONNX model (``method.to_onnx``: INT8 for quantization) timed against the dense
     baseline's ONNX model in ONNX Runtime. A model that cannot be exported records why in the
     ``onnx_status`` tag instead of failing the run."""
     import tempfile
 
-    mcfg = c.cfg.measure
     try:
-        onnx_path = c.method.to_onnx(net, c.input_size, c.tracker.artifact_dir / tracking.ONNX_FILE)
+        onnx_path = method.to_onnx(net, input_size, tr.artifact_dir / tracking.ONNX_FILE)
         with tempfile.TemporaryDirectory(prefix="prunegrid-onnx-") as tmp:
-            base_path = measure.export_onnx(baseline_net, c.input_size, Path(tmp) / "baseline.onnx")
+            base_path = measure.export_onnx(baseline_net, input_size, Path(tmp) / "baseline.onnx")
             m = measure.latency_metrics(
-                lambda s: measure.compare_onnx(onnx_path, base_path, c.input_size, s, warmup=mcfg.warmup,
-                                               repeats=mcfg.repeats), _deployments(c), runtime="_onnx")
+                lambda s: measure.compare_onnx(onnx_path, base_path, input_size, s, warmup=mcfg.warmup,
+                                               repeats=mcfg.repeats), _deployments(mcfg), runtime="_onnx")
     except Exception as exc:
         reason = one_line(exc)
         log.warning("ONNX export/latency skipped: %s", reason)
-        c.tracker.set_tags({tracking.TAG_ONNX_STATUS: reason})
+        tr.set_tags({tracking.TAG_ONNX_STATUS: reason})
         return {}
-    c.tracker.log_artifact(onnx_path, tracking.ARTIFACT_MODEL_DIR)
-    c.tracker.set_tags({tracking.TAG_ONNX_STATUS: "ok"})
+    tr.log_artifact(onnx_path, tracking.ARTIFACT_MODEL_DIR)
+    tr.set_tags({tracking.TAG_ONNX_STATUS: "ok"})
     m["model/size_mb_onnx"] = measure.file_size_mb(onnx_path)
     return m
 
 
-def _memory(c: Cell, path: Path, device: str) -> dict[str, float]:
+def _memory(path: Path, input_size: int, mcfg: DictConfig, device: str, tr: tracking.Tracker) -> dict[str, float]:
     """``memory/infer_peak_mb``: what loading and running the saved model adds, in a fresh process,
     on the device its latency was timed on (the CUDA peak allocation on a GPU); the probe's absolute
     figures under other names."""
-    mcfg = c.cfg.measure
     if not mcfg.get("memory", True):
         return {}
     try:
-        probe = measure.model_memory(path, c.input_size, int(mcfg.batch_size), threads=mcfg.threads, device=device)
+        probe = measure.model_memory(path, input_size, int(mcfg.batch_size), threads=mcfg.threads, device=device)
     except Exception as exc:
         reason = one_line(exc)
         log.warning("memory probe failed: %s", reason)
-        c.tracker.set_tags({tracking.MEMORY_STATUS: reason})
+        tr.set_tags({tracking.MEMORY_STATUS: reason})
         return {}
-    c.tracker.set_tags({tracking.MEMORY_STATUS: f"ok ({device})"})
-    out = {"memory/infer_peak_mb": probe.get("cuda_peak_mb", probe["increase_mb"]),
-           "memory/infer_rss_increase_mb": probe["increase_mb"], "memory/infer_process_peak_mb": probe["peak_mb"],
-           "memory/infer_process_before_mb": probe["before_mb"]}
-    return out
+    tr.set_tags({tracking.MEMORY_STATUS: f"ok ({device})"})
+    return {"memory/infer_peak_mb": probe.get("cuda_peak_mb", probe["increase_mb"]),
+            "memory/infer_rss_increase_mb": probe["increase_mb"], "memory/infer_process_peak_mb": probe["peak_mb"],
+            "memory/infer_process_before_mb": probe["before_mb"]}
 
 
-def _log_reports(c: Cell, tr: tracking.Tracker) -> None:
+def _log_reports(tr: tracking.Tracker, res: dict[str, Any], classes: list[str], history: Any) -> None:
     from sklearn.metrics import classification_report
 
-    res = c.test_results
-    fig = plots.confusion_figure(res["confusion"].numpy(), c.data.classes)
+    fig = plots.confusion_figure(res["confusion"].numpy(), classes)
     tr.log_figure(fig, tracking.ARTIFACT_CONFUSION)
     plots.close(fig)
-    fig = plots.curves_figure(c.logger.history)
+    fig = plots.curves_figure(history)
     tr.log_figure(fig, tracking.ARTIFACT_CURVES)
     plots.close(fig)
-    report = classification_report(res["targets"].numpy(), res["preds"].numpy(), labels=list(range(c.num_classes)),
-                                   target_names=c.data.classes, digits=4, zero_division=0)
+    report = classification_report(res["targets"].numpy(), res["preds"].numpy(), labels=list(range(len(classes))),
+                                   target_names=classes, digits=4, zero_division=0)
     tr.log_text(report, tracking.ARTIFACT_REPORT)

@@ -239,19 +239,14 @@ def run_sweep(name: str, overrides: list[str] = (), out: str | Path = "reports/s
     target = int(preset.n_trials)
 
     def objective(trial: optuna.Trial):
-        import json
-        import tempfile
-
         values = suggest(trial, preset.space)
         cfg = trial_config(preset, cell_overrides, values, pruning=not multi)
-        with tempfile.TemporaryDirectory(prefix="prunegrid-trial-") as tmp:
-            OmegaConf.update(cfg, "paths.metrics_out", f"{tmp}/metrics.json", force_add=True)
-            _active.update(trial=trial, step=0)
-            try:
-                metrics = run(cfg, parent_run_id=parent)
-            finally:
-                _active.update(trial=None, step=0)
-            trial.set_user_attr(RUN_ATTR, json.loads(Path(tmp, "metrics.json").read_text())["run_id"])
+        _active.update(trial=trial, step=0)
+        try:
+            metrics = run(cfg, parent_run_id=parent)
+        finally:
+            _active.update(trial=None, step=0)
+        trial.set_user_attr(RUN_ATTR, metrics.run_id)
         result = [float(metrics.get(k, math.nan)) for k in keys]
         return result if multi else result[0]
 

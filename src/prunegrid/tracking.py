@@ -95,21 +95,8 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-# Data-preparation runs (not grid cells) carry TAG_JOB; the GAN augmentation of Jin & Song (Layer Importance Evaluation) logs these.
+# Data-preparation runs (not grid cells) carry TAG_JOB (the GAN job's own keys live in prunegrid.data.gan).
 TAG_JOB = "job"
-JOB_GAN = "gan_augment"
-GAN_LOSS_G, GAN_LOSS_D = "gan/loss_g", "gan/loss_d"            # per epoch (step = epoch)
-GAN_CLASSIFIER_ACC = "gan/classifier_val_acc"                   # the filter classifier on held-out real images
-GAN_IS, GAN_IS_STD = "gan/inception_score", "gan/inception_score_std"  # of the kept set
-GAN_IS_ALL, GAN_IS_REAL = "gan/inception_score_all", "gan/inception_score_real"
-GAN_KEPT, GAN_REJECTED_SHARE = "gan/kept", "gan/rejected_share"
-GAN_TRAIN_S = "gan/train_s"
-ARTIFACT_GAN_SAMPLES = "gan_samples"                            # folder of one grid PNG per class
-ARTIFACT_GAN_SUMMARY = "gan_summary.json"
-
-
-def gan_run_name(dataset: str, seed: int) -> str:
-    return f"{JOB_GAN}-{dataset}-s{seed}"
 
 
 def run_name(cell: dict[str, str]) -> str:

@@ -53,6 +53,21 @@ from prunegrid.errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "gan" / "default.yaml"
 COMPOSE_PREFIXES = ("dataset", "paths.", "tracking.")
 
+# The GAN job's own MLflow keys (its runs carry tracking.TAG_JOB = JOB_GAN; they are not grid cells).
+JOB_GAN = "gan_augment"
+GAN_LOSS_G, GAN_LOSS_D = "gan/loss_g", "gan/loss_d"            # per epoch (step = epoch)
+GAN_CLASSIFIER_ACC = "gan/classifier_val_acc"                   # the filter classifier on held-out real images
+GAN_IS, GAN_IS_STD = "gan/inception_score", "gan/inception_score_std"  # of the kept set
+GAN_IS_ALL, GAN_IS_REAL = "gan/inception_score_all", "gan/inception_score_real"
+GAN_KEPT, GAN_REJECTED_SHARE = "gan/kept", "gan/rejected_share"
+GAN_TRAIN_S = "gan/train_s"
+ARTIFACT_GAN_SAMPLES = "gan_samples"                            # folder of one grid PNG per class
+ARTIFACT_GAN_SUMMARY = "gan_summary.json"
+
+
+def gan_run_name(dataset: str, seed: int) -> str:
+    return f"{JOB_GAN}-{dataset}-s{seed}"
+
 
 @dataclass
 class GanOptions:
@@ -349,11 +364,11 @@ def augment(opts: GanOptions) -> dict[str, Any]:
     k = len(classes)
     tracker = None
     if opts.track:
-        tags = {"dataset": dataset, "seed": str(opts.seed), tracking.TAG_JOB: tracking.JOB_GAN,
+        tags = {"dataset": dataset, "seed": str(opts.seed), tracking.TAG_JOB: JOB_GAN,
                 "git_commit": tracking.git_commit(Path(__file__).parent),
                 "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running"}
         exp = cfg.tracking.get("experiment") or dataset
-        tracker = tracking.Tracker(cfg.tracking.get("uri"), exp, tracking.gan_run_name(dataset, opts.seed), tags)
+        tracker = tracking.Tracker(cfg.tracking.get("uri"), exp, gan_run_name(dataset, opts.seed), tags)
     params = {**{f"gan.{k_}": v for k_, v in asdict(opts).items()}, **flatten(cfg.dataset, "dataset.")}
     if tracker is None:
         return _augment(opts, x, y, classes, dataset, None)
@@ -372,7 +387,7 @@ def _augment(opts, x, y, classes, dataset, tr) -> dict[str, Any]:
         bar.update()
         bar.set_postfix(g=f"{row['loss_g']:.2f}", d=f"{row['loss_d']:.2f}")
         if tr:
-            tr.log_metrics({tracking.GAN_LOSS_G: row["loss_g"], tracking.GAN_LOSS_D: row["loss_d"]}, step=row["epoch"])
+            tr.log_metrics({GAN_LOSS_G: row["loss_g"], GAN_LOSS_D: row["loss_d"]}, step=row["epoch"])
 
     G, history = train_gan(x, y, k, opts, on_epoch)
     bar.close()
@@ -396,18 +411,18 @@ def _augment(opts, x, y, classes, dataset, tr) -> dict[str, Any]:
         "classifier_val_acc": clf_acc, "gan_train_s": train_s, "history": history, "options": asdict(opts),
         "note": "Inception Score computed with the filter classifier's softmax (not InceptionV3)",
     }
-    (out / tracking.ARTIFACT_GAN_SUMMARY).write_text(json.dumps(summary, indent=2))
+    (out / ARTIFACT_GAN_SUMMARY).write_text(json.dumps(summary, indent=2))
     if tr:
-        tr.log_metrics({tracking.GAN_IS: is_kept[0], tracking.GAN_IS_STD: is_kept[1], tracking.GAN_IS_ALL: is_all[0],
-                        tracking.GAN_IS_REAL: is_real[0], tracking.GAN_KEPT: summary["kept"],
-                        tracking.GAN_REJECTED_SHARE: summary["rejected_share"],
-                        tracking.GAN_CLASSIFIER_ACC: clf_acc, tracking.GAN_TRAIN_S: train_s})
-        grids = tr.artifact_dir / tracking.ARTIFACT_GAN_SAMPLES
+        tr.log_metrics({GAN_IS: is_kept[0], GAN_IS_STD: is_kept[1], GAN_IS_ALL: is_all[0],
+                        GAN_IS_REAL: is_real[0], GAN_KEPT: summary["kept"],
+                        GAN_REJECTED_SHARE: summary["rejected_share"],
+                        GAN_CLASSIFIER_ACC: clf_acc, GAN_TRAIN_S: train_s})
+        grids = tr.artifact_dir / ARTIFACT_GAN_SAMPLES
         grids.mkdir(parents=True, exist_ok=True)
         for c, name in enumerate(classes):
             sample_grid(fake[labels == c], grids / f"{class_dirname(name)}.png", name)
         tr.log_artifact(grids)
-        tr.log_artifact(out / tracking.ARTIFACT_GAN_SUMMARY)
+        tr.log_artifact(out / ARTIFACT_GAN_SUMMARY)
         summary["run_id"] = tr.run_id
     return summary
 
