@@ -116,7 +116,6 @@ def test_every_method_runs_on_every_backbone(prune, backbone, tmp_path):
         net = copy.deepcopy(_TRAINED[backbone])
     else:
         net = rec.fit(method.before_fit(net, ctx), 1, method.callbacks(ctx))
-    float_net = net
     net = method.after_fit(net, ctx)
     if method.finetune_epochs:
         net = rec.fit(net, method.finetune_epochs, method.finetune_callbacks(ctx))
@@ -139,7 +138,9 @@ def test_every_method_runs_on_every_backbone(prune, backbone, tmp_path):
     if method.name != "none":
         assert metrics, f"prune={prune} reported no metric of its own"
 
-    explained = net if FLOAT in net.contract.capabilities else float_net
+    explained, stand_in = method.explained(net)
+    assert FLOAT in explained.contract.capabilities, f"prune={prune} gives Grad-CAM a model without gradients"
+    assert (explained is net) == (stand_in is None)
     name, layer = target_layer(explained, None, size)
     maps, cam_logits = gradcam(explained, rec.x[:2], layer, [0, 1])
     hw = explained.contract.unit(name.split(".", 1)[1]).map_size

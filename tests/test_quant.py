@@ -123,4 +123,9 @@ def test_end_to_end(tmp_path, fashion_dir):
     assert m["time/infer_ms_onnx"] > 0 and m["baseline/infer_ms_onnx"] > 0 and "speedup/infer_onnx_q25" in m
     assert abs(m["quant_int8/val_acc_int8_onnx"] - m["quant_int8/val_acc_float"]) <= 0.1
     assert abs(m["quant_int8/val_acc_int8"] - m["quant_int8/val_acc_float"]) <= 0.1
+    # Grad-CAM draws the float model it was quantized from, says so, and computes no agreement for it
+    tags = client.get_run(run_id).data.tags
+    assert "gradcam.png" in {a.path for a in client.list_artifacts(run_id)}
+    assert tags["cam_agreement_status"].startswith("skipped: the figure explains the float model before INT8")
+    assert "explain/cam_agreement" not in m
     assert m["test/acc"] == pytest.approx(report_accuracy(cfg.tracking.uri), abs=5e-5)

@@ -341,10 +341,11 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
         tr.log_metrics(metrics)
         _log_reports(tr, test, c.data.classes, c.logger.history)
         from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (BaiNa & Joe (explainable channel attention))
+        explained, stand_in = c.method.explained(net)
         metrics.update(log_run_explanations(
-            net, test=c.data.full_test, transform=c.data.transform(False), classes=c.data.classes,
+            explained, test=c.data.full_test, transform=c.data.transform(False), classes=c.data.classes,
             normalized=bool(c.data.normalize), cell=c.cell, input_size=c.input_size, ecfg=cfg.get("explain"),
-            tr=tr, baseline_ckpt=c.method.baseline_ckpt))
+            tr=tr, baseline_ckpt=c.method.baseline_ckpt, stand_in=stand_in))
     result = CellResult(metrics, tr.run_id, model_path, test, list(c.fits))
     _write_outputs(cfg, net, result, c.cell)
     _summary(c.cell, result, tr.uri)

@@ -257,13 +257,20 @@ class Images:
 
 
 def explain_run(net: Net, images: Images, *, cell: dict[str, str], input_size: int, ecfg: Any,
-                tr: tracking.Tracker, baseline_ckpt: str | None = None) -> dict[str, float]:
-    """Draw ``gradcam.png`` for the run's fixed test images and log the agreement metrics."""
+                tr: tracking.Tracker, baseline_ckpt: str | None = None, stand_in: str | None = None) -> dict[str, float]:
+    """Draw ``gradcam.png`` for the run's fixed test images and log the agreement metrics.
+
+    ``stand_in``: ``net`` is not the run's final model but the one the method says to explain in its
+    place (``PruningMethod.explained``: the float model an INT8 model was quantized from); the
+    figure says so, and no agreement is computed, since it would not be the final model's.
+    """
     if FLOAT not in _contract(net).capabilities:
         raise ConfigError("Grad-CAM needs a float model with gradients; this model has no float parameters (int8?)")
     x, labels = images.x, images.labels
     path = ecfg.get("target_layer")
-    if cell["prune"] == BASELINE_PRUNE:
+    if stand_in:
+        base, source = None, f"skipped: the figure explains {stand_in}"
+    elif cell["prune"] == BASELINE_PRUNE:
         base, source = net, "baseline cell (agreement with itself)"
     else:
         base, source = baseline_model(cell, baseline_ckpt, tr)
@@ -278,7 +285,8 @@ def explain_run(net: Net, images: Images, *, cell: dict[str, str], input_size: i
     classes = images.classes
     fig = figure(display_images(x, images.normalized), maps, [f"true: {classes[y]}" for y in labels],
                  [f"pred: {classes[p]}" for p in preds],
-                 suptitle=f"{tracking.run_name(cell)}\nGrad-CAM of the true class at {name}",
+                 suptitle=f"{tracking.run_name(cell)}\nGrad-CAM of the true class at {name}"
+                          + (f"\nof {stand_in}" if stand_in else ""),
                  colors=["green" if p == y else "red" for p, y in zip(preds, labels)])
     tr.log_figure(fig, tracking.ARTIFACT_GRADCAM)
     from prunegrid.plots import close
@@ -298,7 +306,7 @@ def explain_run(net: Net, images: Images, *, cell: dict[str, str], input_size: i
 
 def log_run_explanations(net: Net, *, test: Any, transform: Any, classes: list[str], normalized: bool,
                          cell: dict[str, str], input_size: int, ecfg: Any, tr: tracking.Tracker,
-                         baseline_ckpt: str | None = None) -> dict[str, float]:
+                         baseline_ckpt: str | None = None, stand_in: str | None = None) -> dict[str, float]:
     """Pipeline step: :func:`explain_run` on the fixed images of ``test`` (the whole test split)
     unless ``explain.enabled=false``. A failure here does not fail the trained run: it is logged as
     the ``explain_status`` tag and a warning."""
@@ -307,7 +315,7 @@ def log_run_explanations(net: Net, *, test: Any, transform: Any, classes: list[s
     try:
         x, labels, _ = fixed_images(test, transform, int(ecfg.get("n_images", 8)), int(ecfg.get("seed", 0)))
         return explain_run(net, Images(x, labels, list(classes), normalized), cell=cell, input_size=input_size,
-                           ecfg=ecfg, tr=tr, baseline_ckpt=baseline_ckpt)
+                           ecfg=ecfg, tr=tr, baseline_ckpt=baseline_ckpt, stand_in=stand_in)
     except Exception as exc:
         detail = one_line(exc)
         log.warning("Grad-CAM step failed: %s", detail)

@@ -5,7 +5,8 @@ A method is built from ``conf/prune/<name>.yaml``. The pipeline calls, in order:
 ``callbacks`` (Lightning callbacks during training), ``after_fit`` (change the trained
 model), then fine-tunes for ``finetune_epochs`` if the method asks for it, ``to_onnx`` (the
 model ONNX Runtime should time; by default the final model exported as it is), and finally
-``report`` (the method's own metrics; artifacts go through ``ctx.log_artifact``). Every hook
+``report`` (the method's own metrics; artifacts go through ``ctx.log_artifact``); ``explained``
+names the model Grad-CAM draws when the final one has no gradients. Every hook
 does nothing by default, so ``none`` is a method too.
 
 What a method needs from a backbone is declared once, by ``requires`` (capabilities of the
@@ -132,6 +133,11 @@ class PruningMethod:
     def to_onnx(self, net: nn.Module, input_size: int, path: str | Path) -> Path:
         """The final model as ONNX Runtime runs it (default: ``net`` exported as it is)."""
         return measure.export_onnx(net, input_size, path)
+
+    def explained(self, net: nn.Module) -> tuple[nn.Module, str | None]:
+        """The model Grad-CAM should explain, and what it is when it is not the final model
+        (default: the final model itself, ``None``)."""
+        return net, None
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
         return {}

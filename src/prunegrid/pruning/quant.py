@@ -263,6 +263,12 @@ class QuantInt8(PruningMethod):
             float_path.unlink(missing_ok=True)
         return self.onnx_path
 
+    def explained(self, net: nn.Module) -> tuple[nn.Module, str | None]:
+        """INT8 layers have no gradients: Grad-CAM draws the float model they were quantized from."""
+        if self._float_net is None:
+            return net, None
+        return self._float_net, "the float model before INT8 quantization (INT8 has no gradients)"
+
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
         int8 = list(measure.weight_tensors(net, declared=False))
         m = {"int8_zero_share": measure.sparsity(int8),
