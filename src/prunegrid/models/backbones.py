@@ -296,8 +296,9 @@ def tree_units(named: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, nn.Mod
     return units
 
 
-def _same_as_library(arch: str, trunk: nn.Module, library_features, input_size: int) -> None:
-    """The chain of units must compute what the library's own feature extractor computes."""
+def _same_as_library(arch: str, trunk: nn.Module, library_features, input_size: int) -> int:
+    """The chain of units must compute what the library's own feature extractor computes; returns
+    the channels of its output (the head's input)."""
     x = torch.randn(2, 3, input_size, input_size)
     was = trunk.training
     trunk.eval()
@@ -317,6 +318,7 @@ def _same_as_library(arch: str, trunk: nn.Module, library_features, input_size: 
     if ours is None or ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4):
         raise ConfigError(f"backbone.arch={arch} does not run as a chain of its modules (its forward does more "
                           "than call them in order); it needs its own builder in prunegrid.models.backbones")
+    return int(ours.shape[1])
 
 
 def torchvision_cnn(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
@@ -352,8 +354,8 @@ def torchvision_cnn(arch: str, num_classes: int, input_size: int, pretrained: bo
         library = create_feature_extractor(m.eval(), return_nodes={trunk[-1][0]: "out"})
     except Exception as exc:
         raise ConfigError(f"backbone.arch={arch}: torchvision cannot extract its features ({one_line(exc)})") from exc
-    _same_as_library(arch, seq(*[u for _, u in units]), lambda x: library(x)["out"], input_size)
-    return _generic_net(arch, units, num_classes, input_size, dropout, freeze, min_input_size, weights_path)
+    channels = _same_as_library(arch, seq(*[u for _, u in units]), lambda x: library(x)["out"], input_size)
+    return _generic_net(arch, units, channels, num_classes, input_size, dropout, freeze, min_input_size, weights_path)
 
 
 def timm_cnn(arch: str, num_classes: int, input_size: int, pretrained: bool = False,
@@ -388,14 +390,12 @@ def timm_cnn(arch: str, num_classes: int, input_size: int, pretrained: bool = Fa
         raise ConfigError(f"backbone.arch={arch}: timm cannot build its feature stages ({one_line(exc)}); "
                           "use a CNN") from exc
     units = tree_units(feats.named_children())
-    _same_as_library(arch, seq(*[u for _, u in units]), lambda x: feats(x)[-1], input_size)
-    return _generic_net(arch, units, num_classes, input_size, dropout, freeze, min_input_size, weights_path)
+    channels = _same_as_library(arch, seq(*[u for _, u in units]), lambda x: feats(x)[-1], input_size)
+    return _generic_net(arch, units, channels, num_classes, input_size, dropout, freeze, min_input_size, weights_path)
 
 
-def _generic_net(arch: str, units: list[tuple[str, nn.Module]], num_classes: int, input_size: int, dropout: float,
-                 freeze: int, min_input_size: int, weights_path: str | None) -> Net:
-    with torch.no_grad():
-        channels = seq(*[u for _, u in units]).eval()(torch.zeros(1, 3, input_size, input_size)).shape[1]
+def _generic_net(arch: str, units: list[tuple[str, nn.Module]], channels: int, num_classes: int, input_size: int,
+                 dropout: float, freeze: int, min_input_size: int, weights_path: str | None) -> Net:
     net = Net(units, ClassifierHead(channels, num_classes, dropout), None, arch, num_classes)
     return _finish(net, input_size=input_size, min_input_size=min_input_size, freeze=freeze,
                    weights_path=weights_path)

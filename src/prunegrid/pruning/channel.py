@@ -16,6 +16,7 @@ the network together, each layer capped at ``max_layer_ratio`` so that none is e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Callable
@@ -65,10 +66,25 @@ def check_ratios(ratio: float, max_layer_ratio: float, key: str = "ratio") -> No
                           f"lower the ratio or raise max_layer_ratio (< 1)")
 
 
+@contextlib.contextmanager
+def all_trainable(net: nn.Module):
+    """Every parameter requires grad inside the block (torch-pruning traces through autograd: a frozen
+    stem would drop out of its residual group); each parameter's flag comes back by name afterwards,
+    also for the new, thinner parameters pruning puts in their place."""
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for n, p in net.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+
+
 def check_traceable(net: Net, method: str, input_size: int) -> None:
     """Build torch-pruning's dependency graph now, so a backbone it cannot trace is refused before training."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), all_trainable(net):
             warnings.simplefilter("ignore")
             tp.DependencyGraph().build_dependency(
                 net, torch.zeros(1, 3, input_size, input_size, device=measure._device(net)),
@@ -81,17 +97,12 @@ def check_traceable(net: Net, method: str, input_size: int) -> None:
 def _accumulate_gradients(net: nn.Module, batches, loss: Callable) -> None:
     """Gradients of the cell's own loss over a few training batches (for Taylor importance), all
     parameters included."""
-    flags = {n: p.requires_grad for n, p in net.named_parameters()}
     was = net.training
     net.eval()
     net.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        for p in net.parameters():
-            p.requires_grad_(True)
+    with torch.enable_grad(), all_trainable(net):
         for x, y in batches:
             loss(net(x), y).backward()
-    for n, p in net.named_parameters():
-        p.requires_grad_(flags[n])
     net.train(was)
 
 
@@ -101,15 +112,11 @@ def prune_channels(net: Net, *, importance: str, ratio: float, global_pruning: b
     (thinner units) and return it.
 
     ``batches`` (``(x, y)`` pairs) and ``loss`` (the cell's configured loss) give the gradients for
-    ``importance="taylor"``. Per-layer
-    ``requires_grad`` (frozen stages) is kept; in global mode no layer loses more than
+    ``importance="taylor"``. Per-layer ``requires_grad`` (frozen stages) is kept; in global mode no layer loses more than
     ``max_layer_ratio`` of its channels.
     """
     if importance not in IMPORTANCES:
         raise ConfigError(f"prune.importance={importance} is unknown; use one of {', '.join(IMPORTANCES)}")
-    flags = {n: p.requires_grad for n, p in net.named_parameters()}
-    for p in net.parameters():  # DepGraph traces through autograd: a frozen stem would drop out of its residual group
-        p.requires_grad_(True)
     device = measure._device(net)
     if importance == "taylor":
         if loss is None:
@@ -117,7 +124,7 @@ def prune_channels(net: Net, *, importance: str, ratio: float, global_pruning: b
         _accumulate_gradients(net, [(x.to(device), y.to(device)) for x, y in batches], loss)
     example = torch.zeros(1, 3, input_size, input_size, device=device)
     imp = IMPORTANCES[importance]()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), all_trainable(net):
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(net, example, importance=imp, pruning_ratio=ratio,
                                       global_pruning=global_pruning, max_pruning_ratio=max_layer_ratio,
@@ -129,8 +136,6 @@ def prune_channels(net: Net, *, importance: str, ratio: float, global_pruning: b
             if group is not None and check(group):
                 group.prune()
     net.zero_grad(set_to_none=True)
-    for n, p in net.named_parameters():
-        p.requires_grad_(flags.get(n, True))
     net.declare(input_size)
     return net
 

@@ -24,7 +24,7 @@ from prunegrid import measure
 from prunegrid.errors import ConfigError
 from prunegrid.models.net import BATCHNORM, CONV, Net
 from prunegrid.pruning.base import Context
-from prunegrid.pruning.channel import ChannelPruning, protected_layers
+from prunegrid.pruning.channel import ChannelPruning, all_trainable, protected_layers
 
 
 def bn_scales(net: nn.Module) -> torch.Tensor:
@@ -46,19 +46,12 @@ class BNSparsity(Callback):
         self.pruner: tp.pruner.BNScalePruner | None = None
 
     def attach(self, net: Net) -> None:
-        flags = [p.requires_grad for p in net.parameters()]
-        for p in net.parameters():  # DepGraph traces through autograd (frozen stages included)
-            p.requires_grad_(True)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.pruner = tp.pruner.BNScalePruner(
-                    net, torch.zeros(1, 3, self.input_size, self.input_size, device=measure._device(net)),
-                    importance=tp.importance.BNScaleImportance(), reg=self.sparsity_lambda,
-                    ignored_layers=protected_layers(net))
-        finally:
-            for p, flag in zip(net.parameters(), flags):
-                p.requires_grad_(flag)
+        with warnings.catch_warnings(), all_trainable(net):
+            warnings.simplefilter("ignore")
+            self.pruner = tp.pruner.BNScalePruner(
+                net, torch.zeros(1, 3, self.input_size, self.input_size, device=measure._device(net)),
+                importance=tp.importance.BNScaleImportance(), reg=self.sparsity_lambda,
+                ignored_layers=protected_layers(net))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.attach(pl_module.net)
