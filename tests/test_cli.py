@@ -79,7 +79,7 @@ def test_unknown_flag_is_one_line(entry, capsys):
 
 
 @pytest.mark.parametrize("override, needle", [("backbone=nope", "unknown backbone 'nope'"),
-                                               ("trainer.max_epochz=1", "+trainer.max_epochz=1")])
+                                               ("trainer.max_epochz=1", "did you mean trainer.max_epochs?")])
 def test_train_bad_override_is_one_line(override, needle):
     assert_one_line_error(run("train.py", override), needle)
 

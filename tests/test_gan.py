@@ -14,7 +14,7 @@ from prunegrid import tracking
 from prunegrid.config import build, compose
 from prunegrid.data import gan
 from prunegrid.data.sources import FASHION_MNIST_CLASSES
-from prunegrid.data.synthetic import class_dirname
+from prunegrid.data.synthetic import class_dirnames
 from prunegrid.errors import DataError
 
 DATA = ["dataset=fashion_mnist", "dataset.subset=600", "paths.data_dir=data"]
@@ -45,7 +45,7 @@ def test_filter_keeps_only_intended_class(tmp_path, fashion_dir):
     counts = gan.write_images(fake[keep], labels[keep], classes, out)
     assert sum(counts.values()) == int(keep.sum())
     for c, name in enumerate(classes):
-        files = sorted((out / class_dirname(name)).glob("*.png"))
+        files = sorted((out / class_dirnames(classes)[c]).glob("*.png"))
         assert len(files) == counts[name]
         if files:
             imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32)) for f in files])
@@ -61,7 +61,7 @@ def test_augment_writes_tree_and_logs_mlflow(tmp_path, fashion_dir):
     opts = small(tmp_path, track=True, data=DATA + [f"tracking.uri={uri}"], train_limit=128, classifier_epochs=1)
     s = gan.augment(opts)
     out = tmp_path / "syn"
-    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == sorted(class_dirname(c) for c in FASHION_MNIST_CLASSES)
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == sorted(class_dirnames(FASHION_MNIST_CLASSES))
     assert s["generated"] == 60 and 0 <= s["rejected_share"] <= 1 and s["kept"] == sum(s["kept_per_class"].values())
     assert json.loads((out / gan.ARTIFACT_GAN_SUMMARY).read_text())["kept"] == s["kept"]
     assert "classifier's softmax" in s["note"]
@@ -92,8 +92,8 @@ def test_inception_score_bounds():
 
 def _noise_tree(root, classes, n=3):
     rng = np.random.default_rng(0)
-    for c in classes:
-        d = root / class_dirname(c)
+    for folder in class_dirnames(classes):
+        d = root / folder
         d.mkdir(parents=True)
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(d / f"{i}.png")
@@ -115,7 +115,7 @@ def test_synthetic_reaches_training_split_only(tmp_path, fashion_dir):
     targets = extra.targets("train")
     assert sorted(targets[-12:]) == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     for path, label in extra.splits.train.datasets[1].samples:
-        assert path.parent.name == class_dirname(FASHION_MNIST_CLASSES[label])
+        assert path.parent.name == class_dirnames(FASHION_MNIST_CLASSES)[label]
     x, label = extra.dataset("train", train_transform=False)[len(targets) - 1]
     from prunegrid.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
 

@@ -3,7 +3,8 @@
 For each pair, at the backbone's smallest input, on a few images: the method accepts the backbone
 (or refuses it in one line naming a capability the contract really lacks), then every hook runs
 in the pipeline's order (``check → before_fit → fit → after_fit → fine-tune → to_onnx → report``)
-with a real Lightning fit of one batch, the ONNX model runs in ONNX Runtime, and a float model
+with a real Lightning fit of one batch, the final model reloads safely (``weights_only``) and gives
+the same logits, the ONNX model runs in ONNX Runtime, and a float model
 gives a Grad-CAM map at its declared layer. A new YAML in either group is tested with no new code.
 
 Also: no module outside ``prunegrid.models`` reads a ``Net`` attribute the contract does not
@@ -125,6 +126,10 @@ def test_every_method_runs_on_every_backbone(prune, backbone, tmp_path):
         out = net.eval()(rec.x)
     assert out.shape == (N, CLASSES) and torch.isfinite(out).all()
     assert tuple(net.features(rec.x).shape[1:]) == net.contract.units[-1].out_shape   # the contract is true
+    loaded = measure.load_model(measure.save_model(net, tmp_path / "model.pt"))   # weights_only, no code run
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(rec.x), out, atol=1e-5)
+    assert loaded.contract == net.contract
 
     onnx_path = method.to_onnx(net, size, tmp_path / "model.onnx")
     sess = measure.onnx_session(onnx_path)

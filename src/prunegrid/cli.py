@@ -16,6 +16,7 @@ A ``main`` that returns its exit code (``prunegrid.data.crops``, ``prunegrid.dat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator, NoReturn
@@ -29,8 +30,15 @@ HYDRA_USER_ERRORS = ("ConfigCompositionException", "OverrideParseException", "Mi
 
 
 def message(exc: BaseException | str) -> str:
-    """One line: the first paragraph of the message (at most two lines, joined), else the exception's type."""
+    """One line: the first paragraph of the message (at most two lines, joined), else the exception's type.
+
+    An error raised in a DataLoader worker arrives as "Caught DataError in DataLoader worker process 0."
+    followed by the worker's traceback; its message is the traceback's last line.
+    """
     text = str(exc).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
     first = text.split("\n\n")[0].splitlines()[:2] if text else []
     return " ".join(line.strip() for line in first) or type(exc).__name__
 
@@ -103,10 +111,17 @@ def precheck(argv: list[str]) -> None:
 
 @contextmanager
 def guard() -> Iterator[None]:
-    """Turn a user error (:func:`is_user_error`, also when raised inside a worker) into a one-line exit 2."""
+    """Turn a user error (:func:`is_user_error`, also when raised inside a worker) into a one-line exit 2,
+    and SIGINT/SIGTERM (:class:`~prunegrid.interrupt.Interrupted`) into one line and exit ``128 + signal``."""
+    from prunegrid.interrupt import Interrupted
+
     try:
         yield
+    except Interrupted as exc:
+        print(f"prunegrid: {exc}; the run is KILLED and its checkpoints are kept (continue it with resume=true)",
+              file=sys.stderr)
+        sys.exit(exc.exit_code)
     except Exception as exc:
-        if not is_user_error(exc):
+        if not is_user_error(exc) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(exc)

@@ -8,6 +8,7 @@ chosen in each cell group (Hydra's runtime choices); a YAML may compute its own 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -51,18 +52,116 @@ def check_overrides(overrides: Iterable[str]) -> None:
             raise ConfigError(f"unknown {key} '{value}'; valid options: {', '.join(options(key))}")
 
 
-def compose(overrides: Iterable[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose the project config like ``train.py`` would, without running anything."""
+def compose(overrides: Iterable[str] = (), config_name: str = "config", check: bool = True) -> DictConfig:
+    """Compose the project config like ``train.py`` would, without running anything.
+
+    A key that does not exist is one :class:`ConfigError` line naming the closest valid keys (or,
+    for a method's option, the methods that have it); with ``check``, values are checked too
+    (:func:`check_values`).
+    """
+    from hydra.errors import ConfigCompositionException
+
     overrides = list(overrides)
     check_overrides(overrides)
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    except ConfigCompositionException as exc:
+        bad = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", str(exc))
+        if bad is None or not bad.group(1).strip("+~"):
+            raise
+        raise ConfigError(unknown_key(bad.group(1).lstrip("+~"), overrides, config_name)) from None
     picked = {g: str(v) for g, v in cfg.hydra.runtime.choices.items() if g in CELL_GROUPS and v is not None}
     with open_dict(cfg):
         del cfg["hydra"]
         if picked:
             cfg.choices = picked
+    if check and config_name == "config":
+        check_values(cfg)
     return cfg
+
+
+def unknown_key(key: str, overrides: list[str], config_name: str = "config") -> str:
+    """The one-line message for an override of a key the config does not have: the closest valid
+    keys, or for a key of a group option (``prune.amount`` with ``prune=none``) the options that have it."""
+    import difflib
+
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    base = compose(rest, config_name, check=False)
+    parts = key.split(".")
+    depth = len(parts) - 1
+    while depth > 0 and not isinstance(OmegaConf.select(base, ".".join(parts[:depth])), DictConfig):
+        depth -= 1
+    parent, leaf = ".".join(parts[:depth]), parts[depth]
+    node = OmegaConf.select(base, parent) if parent else base
+    names = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    full = lambda n: f"{parent}.{n}" if parent else n  # noqa: E731
+    close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.6)
+    hidden = {"_target_", "label", "choices"}
+    shown = [n for n in names if n not in hidden]
+    if parent in GROUPS and depth == 1 and not close:
+        chosen = base.choices.get(parent) if base.get("choices") else None
+        others = {o: [str(k) for k in (OmegaConf.load(conf_dir() / parent / f"{o}.yaml") or {}) if k not in hidden]
+                  for o in options(parent)}
+        owners = [o for o, keys in others.items() if leaf in keys]
+        near = sorted({k for keys in others.values() for k in difflib.get_close_matches(leaf, keys, n=2, cutoff=0.6)})
+        if owners:
+            return (f"{parent}={chosen or 'this option'} has no option '{leaf}'; it is an option of "
+                    f"{', '.join(f'{parent}={o}' for o in owners)} (options here: {', '.join(shown)})")
+        if near:
+            have = {k: [o for o, keys in others.items() if k in keys] for k in near}
+            return (f"unknown key {key}; did you mean "
+                    + " or ".join(f"{full(k)} (with {', '.join(f'{parent}={o}' for o in have[k][:3])})" for k in near) + "?")
+    if close:
+        return f"unknown key {key}; did you mean {' or '.join(full(c) for c in close)}?"
+    where = f"keys of {parent}" if parent else "top-level keys"
+    return f"unknown key {key}; {where}: {', '.join(shown[:25])}{' ...' if len(shown) > 25 else ''} (append a new key with +{key}=...)"
+
+
+# key -> (kind, lowest allowed, null allowed): checked before any run (a type or range mistake is one line)
+VALUE_RULES: dict[str, tuple[str, float, bool]] = {
+    "seed": ("int", 0, False),
+    "trainer.max_epochs": ("int", 1, False),
+    "trainer.log_every_n_steps": ("int", 1, False),
+    "dataset.subset": ("int", 1, True),
+    "dataset.input_size": ("int", 1, False),
+    "dataset.batch_size": ("int", 1, False),
+    "dataset.eval_batch_size": ("int", 1, True),
+    "dataset.num_workers": ("int", 0, False),
+    "dataset.train_per_class": ("int", 1, True),
+    "optimizer.lr": ("positive", 0, False),
+    "optimizer.weight_decay": ("number", 0, True),
+    "measure.threads": ("int", 1, False),
+    "measure.threads_all": ("int", 1, True),
+    "measure.batch_size": ("int", 1, False),
+    "measure.warmup": ("int", 0, False),
+    "measure.repeats": ("int", 1, False),
+    "explain.n_images": ("int", 1, False),
+    "explain.min_map": ("int", 1, False),
+}
+TEXT = {"int": "an integer >= {low:g}", "number": "a number >= {low:g}", "positive": "a number > 0"}
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Types and ranges of the settings in :data:`VALUE_RULES`, the trainer's batch limits, and the
+    chosen method's options (its class checks them when built): a mistake is one :class:`ConfigError`."""
+    for key, (kind, low, nullable) in VALUE_RULES.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value == "__absent__" or (value is None and nullable):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = number and (isinstance(value, int) if kind == "int" else True) and (
+            value > 0 if kind == "positive" else value >= low)
+        if not ok:
+            raise ConfigError(f"{key}={value} must be {TEXT[kind].format(low=low)}"
+                              f"{' (or null)' if nullable else ''}")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = cfg.trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                                  or (isinstance(value, float) and value > 1)):
+            raise ConfigError(f"trainer.{key}={value} must be a number of batches >= 1, a share in (0, 1], or null")
+    if cfg.get("prune") is not None:
+        build(cfg.prune)
 
 
 def build(node: DictConfig | None, **kwargs: Any) -> Any:

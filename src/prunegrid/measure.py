@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from prunegrid.errors import PrunegridError, one_line
+
 
 def _declared(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Submodules that declare their own ``weight_counts`` (params, non-zero), outermost only.
@@ -143,15 +145,79 @@ def flops(model: nn.Module, input_size: int, channels: int = 3) -> int:
 
 
 def save_model(model: nn.Module, path: str | Path) -> Path:
-    """Save the whole module (architecture included: pruned models change shape)."""
+    """Save the whole module (architecture included: pruned models change shape); :func:`load_model`
+    reads it back without running code from the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model, path)
     return path
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> nn.Module:
-    return torch.load(path, map_location=map_location, weights_only=False)
+# A model file may only name these: nn.Module classes of these packages, and these plain types.
+SAFE_PACKAGES = ("torch", "torchvision", "timm", "prunegrid")
+SAFE_TYPES = ("builtins.frozenset", "builtins.set", "prunegrid.models.net.Contract", "prunegrid.models.net.Unit")
+
+
+class ModelFileError(PrunegridError):
+    """A model file that cannot be loaded safely (it names code outside the allowed classes) or at all."""
+
+
+def _safe_global(name: str, path: Path) -> object:
+    """The class a model file names, when it is allowed (:data:`SAFE_PACKAGES`, :data:`SAFE_TYPES`);
+    a module outside those packages is never imported."""
+    import importlib
+
+    refuse = ModelFileError(f"{path} names {name}, which prunegrid does not load (it could run code); "
+                            "load only model files that prunegrid saved")
+    parts = name.split(".")
+    if parts[0] not in SAFE_PACKAGES and name not in SAFE_TYPES:
+        raise refuse
+    for cut in range(len(parts) - 1, 0, -1):  # the longest importable module, then nested attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            raise refuse from None
+        break
+    else:
+        raise refuse
+    if name in SAFE_TYPES or (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        return obj
+    raise refuse
+
+
+def model_classes(path: str | Path) -> list[object]:
+    """The classes a model file names, each allowed by :func:`_safe_global` (imported, never run)."""
+    path = Path(path)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as exc:
+        raise ModelFileError(f"{path} is not a model file saved by torch ({one_line(exc)[:200]})") from None
+    return [_safe_global(n, path) for n in names]
+
+
+def load_model(path: str | Path, map_location: str = "cpu", classes: list[object] | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_model` with ``torch.load(weights_only=True)``: the file may
+    only build tensors and the classes :func:`_safe_global` allows, so loading it runs no code from
+    it (a crafted pickle is refused in one line). An INT8 model's compiled graph is TorchScript,
+    which is deserialized here and runs only TorchScript operators when the model runs."""
+    import pickle
+
+    path = Path(path)
+    allowed = model_classes(path) if classes is None else classes
+    try:
+        with torch.serialization.safe_globals(allowed):
+            model = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
+        raise ModelFileError(f"{path} cannot be loaded safely ({one_line(exc)[:300]}); load only model files "
+                             "that prunegrid saved") from None
+    if not isinstance(model, nn.Module):
+        raise ModelFileError(f"{path} holds a {type(model).__name__}, not a model; give a model.pt saved by prunegrid")
+    return model
 
 
 def file_size_mb(path: str | Path) -> float:
@@ -445,28 +511,17 @@ def model_memory(path: str | Path, input_size: int, batch_size: int = 32, *, thr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _import_model_classes(path: str | Path) -> None:
-    """Import the modules whose classes the saved model pickles, before measuring (imports are not the model)."""
-    import importlib
-
-    for name in sorted({g.rsplit(".", 1)[0] for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))}):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass  # a nested class path (module.Outer.Inner): loading imports it
-
-
 def _probe(path: str, input_size: int, batch_size: int, threads: int, device: str, channels: int) -> dict[str, float]:
     import gc
 
-    _import_model_classes(path)
     if threads:
         torch.set_num_threads(threads)
+    classes = model_classes(path)  # imports are not the model
     inputs = [torch.randn(b, channels, input_size, input_size) for b in sorted({1, batch_size})]
     gc.collect()
     cuda = device.startswith("cuda")
     with PeakMemory() as mem:
-        model = load_model(path).eval()
+        model = load_model(path, classes=classes).eval()
         if cuda:
             model = model.to(device)
         with torch.inference_mode():

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import random
+import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from prunegrid import measure, plots, tracking
+from prunegrid import interrupt, measure, plots, tracking
 from prunegrid.budget import TAG_REF_PRUNE, Budget
 from prunegrid.config import build, cell, flatten, with_choices
 from prunegrid.errors import ConfigError, one_line
@@ -32,12 +37,21 @@ log = logging.getLogger("prunegrid")
 logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines; avoid doubles
 
 
-class EpochTimer(Callback):
-    """Wall time of each training epoch, validation excluded."""
+class FitRecord(Callback):
+    """What one fit cost: the wall time of each training epoch (validation excluded), the images
+    seen and the fit's seconds. Its state goes into every checkpoint, so a resumed fit counts the
+    epochs, images and seconds of the attempt that was interrupted."""
 
     def __init__(self):
         self.times: list[float] = []
+        self.images = 0
+        self.seconds_before = 0.0
         self._t0: float | None = None
+        self._fit_t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self._fit_t0
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0 = time.perf_counter()
@@ -54,15 +68,28 @@ class EpochTimer(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         self._stop()
 
-
-class ImageCounter(Callback):
-    """Training images seen in one fit (``budget/images``; the epochs are the EpochTimer's)."""
-
-    def __init__(self):
-        self.images = 0
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.images += len(batch[1])
+
+    def state_dict(self) -> dict:
+        return {"times": list(self.times), "images": self.images, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.times, self.images = list(state["times"]), int(state["images"])
+        self.seconds_before, self._fit_t0 = float(state["seconds"]), time.perf_counter()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: the file is written beside its name and renamed,
+    with SIGINT/SIGTERM held until then, so an interrupted cell always has a whole last checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        with interrupt.deferred():
+            super().save_checkpoint(checkpoint, part, storage_options)
+            os.replace(part, path)
 
 
 class StopAfter(Callback):
@@ -75,6 +102,24 @@ class StopAfter(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+LAST_FILE, DONE_FILE = "last.ckpt", "done.pt"
+
+
+def _rng_state() -> dict:
+    """The global random states (torch, NumPy, Python), in a form ``torch.load(weights_only=True)`` reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached], "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 @dataclass
@@ -125,17 +170,26 @@ class Cell:
         self.budget = Budget()
         self.tracker: tracking.Tracker | None = None
         self.logger: tracking.EpochLogger | None = None
+        self.checkpoints: Path | None = None  # the run's checkpoint folder (set once the run exists)
+        self._fits_started = 0
 
     # -- steps offered to methods through Context ---------------------------------------
-    def _trainer(self, epochs: int, callbacks: list, logger: Any, early_stopping: bool = True) -> L.Trainer:
+    def _trainer(self, epochs: int, callbacks: list, logger: Any, early_stopping: bool = True,
+                 ckpt_dir: Path | None = None) -> L.Trainer:
         cbs = [build(c) for c in (self.cfg.trainer.get("callbacks") or {}).values() if c]
         if not early_stopping:
             cbs = [c for c in cbs if not isinstance(c, EarlyStopping)]
-        if not any(isinstance(c, ModelCheckpoint) for c in cbs):
+        if ckpt_dir is not None:
+            for cb in cbs:
+                if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                    cb.dirpath = str(ckpt_dir)
+            cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename=LAST_FILE.removesuffix(".ckpt"), save_top_k=1,
+                                       monitor=None, enable_version_counter=False))
+        elif not any(isinstance(c, ModelCheckpoint) for c in cbs):
             cbs.append(ModelCheckpoint(save_top_k=0, save_last=False))
         node = OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"])
         return build(node, max_epochs=epochs, callbacks=cbs + list(callbacks), logger=logger,
-                     default_root_dir=str(self.out))
+                     default_root_dir=str(self.out), plugins=[AtomicCheckpointIO()])
 
     def fit(self, net: nn.Module, epochs: int, callbacks: list | tuple = (), *, early_stopping: bool = True,
             stop_after: int | None = None) -> nn.Module:
@@ -146,31 +200,66 @@ class Cell:
         epochs (fine-tuning); ``stop_after=N`` ends it after exactly N epochs with the schedule
         still sized for ``epochs`` (a budget matched to a baseline). Every fit adds its epochs,
         images and seconds to the cell's :class:`~prunegrid.budget.Budget`.
+
+        With a checkpoint folder (a tracked run), the fit writes ``last.ckpt`` after every epoch
+        and, when it ends, its result (``done.pt``). A resumed run replays its fits in order: a
+        fit that had ended is restored from ``done.pt`` (weights, statistics, random state), the
+        interrupted one continues from ``last.ckpt`` (optimizer, scheduler, epoch, callbacks).
         """
+        k = self._fits_started
+        self._fits_started += 1
+        fit_dir = self.checkpoints / f"fit{k}" if self.checkpoints is not None else None
+        if fit_dir is not None and (fit_dir / DONE_FILE).is_file():
+            return self._restore_fit(net, fit_dir / DONE_FILE)
         module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
-        timer, counter = EpochTimer(), ImageCounter()
+        record = FitRecord()
         extra = [StopAfter(stop_after)] if stop_after else []
-        trainer = self._trainer(epochs, [timer, counter, *extra, *callbacks], self.logger or False,
-                                early_stopping=early_stopping and not stop_after)
-        t0 = time.perf_counter()
+        trainer = self._trainer(epochs, [record, *extra, *callbacks], self.logger or False,
+                                early_stopping=early_stopping and not stop_after, ckpt_dir=fit_dir)
+        last = fit_dir / LAST_FILE if fit_dir is not None else None
+        resume_from = str(last) if last is not None and last.is_file() else None
+        if resume_from:
+            log.info("fit %d resumes from %s", k, resume_from)
         with measure.PeakMemory() as mem:
-            trainer.fit(module, datamodule=self.data)
+            trainer.fit(module, datamodule=self.data, ckpt_path=resume_from)
         stopped = any(isinstance(c, EarlyStopping) and c.stopped_epoch > 0 for c in trainer.callbacks)
-        stats = FitStats(time.perf_counter() - t0, timer.times,
+        stats = FitStats(record.seconds, record.times,
                          mem.cuda_peak_mb if mem.cuda_peak_mb is not None else mem.increase_mb, mem.peak_mb,
-                         len(timer.times), counter.images, stopped)
-        self.fits.append(stats)
-        self.budget.add(stats.epochs, stats.images, stats.seconds)
-        if self.logger is not None:
-            self.logger.next_fit(trainer.current_epoch)
+                         len(record.times), record.images, stopped)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             try:
                 module.load_state_dict(state)
             except RuntimeError:
                 log.warning("best checkpoint does not fit the model changed during training; keeping the last weights")
+        self._fit_done(stats, trainer.current_epoch)
+        if fit_dir is not None:
+            with interrupt.deferred():
+                torch.save({"state_dict": module.net.state_dict(), "stats": asdict(stats),
+                            "epochs_done": int(trainer.current_epoch), "rng": _rng_state()},
+                           fit_dir / (DONE_FILE + ".part"))
+                os.replace(fit_dir / (DONE_FILE + ".part"), fit_dir / DONE_FILE)
         return module.net
+
+    def _fit_done(self, stats: FitStats, epochs_done: int) -> None:
+        self.fits.append(stats)
+        self.budget.add(stats.epochs, stats.images, stats.seconds)
+        if self.logger is not None:
+            self.logger.next_fit(epochs_done)
+
+    def _restore_fit(self, net: nn.Module, path: Path) -> nn.Module:
+        """A fit that ended before the run was interrupted: its weights, statistics and random state."""
+        done = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            net.load_state_dict(done["state_dict"])
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot resume: the model no longer matches {path} ({one_line(exc)[:200]}); "
+                              "start a new run (resume=false)") from None
+        log.info("fit %s restored from %s", path.parent.name, path)
+        self._fit_done(FitStats(**done["stats"]), int(done["epochs_done"]))
+        _set_rng_state(done["rng"])
+        return net
 
     def evaluate(self, net: nn.Module, split: str = "val", max_batches: int | None = None) -> dict[str, float]:
         """Accuracy and mean loss of ``net`` on a split (``trainer.validate``; ``max_batches`` caps the
@@ -296,8 +385,20 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
     One sequence for every method: train or load the baseline (:func:`train_or_load`), apply
     the method (``after_fit``), fine-tune for exactly ``finetune_epochs``, then read the
     validation split once more and the test split once; then the same measurements for every
-    method (:func:`measure_model`), the reports and the Grad-CAM explanations.
+    method (:func:`measure_model`), the reports and the Grad-CAM explanations, and the files
+    ``paths.*`` asks for. Only then is the run FINISHED.
+
+    SIGINT/SIGTERM end the run KILLED (``status_detail`` says which) by raising
+    :class:`~prunegrid.interrupt.Interrupted`: nothing is tested or measured after it, and the
+    checkpoints stay. ``resume=true`` continues the latest KILLED or FAILED run of the same
+    config (``config_md5`` tag) in that same MLflow run, from its checkpoints; with none to
+    resume, a new run starts.
     """
+    with interrupt.signals():
+        return _run(cfg, parent_run_id)
+
+
+def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     cfg = with_choices(cfg)
     c = Cell(cfg)
@@ -310,13 +411,21 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
         raise ConfigError(f"budget.match asks for {matched[0]} epochs, more than trainer.max_epochs="
                           f"{cfg.trainer.max_epochs}; give the grid's max_epochs")
 
+    params = run_params(cfg)
+    config_md5 = tracking.config_md5(params)
     tags = {**c.cell, "git_commit": tracking.git_commit(Path(__file__).parent),
             "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running",
-            TAG_REF_PRUNE: c.method.reference}
+            TAG_REF_PRUNE: c.method.reference, tracking.TAG_CONFIG_MD5: config_md5}
     exp = cfg.tracking.get("experiment") or c.cell["dataset"]
     c.tracker = tracking.Tracker(cfg.tracking.get("uri"), exp, tracking.run_name(c.cell), tags)
-    with c.tracker.run(flatten(cfg), parent_run_id=parent_run_id) as tr:
+    resume_id = c.tracker.resumable(config_md5) if cfg.get("resume") else None
+    if cfg.get("resume") and resume_id is None:
+        log.warning("resume=true: no KILLED or FAILED run of this config in %s; starting a new run", exp)
+    with c.tracker.run(params, parent_run_id=parent_run_id, resume_run_id=resume_id) as tr:
+        c.checkpoints = Path(cfg.paths.get("checkpoint_dir") or "checkpoints") / tr.run_id
         c.logger = tr.lightning_logger()
+        if resume_id:
+            c.logger.restore()
         ctx = c.context()
         tr.log_text(OmegaConf.to_yaml(cfg, resolve=True), tracking.ARTIFACT_CONFIG)
         if c.data.splits.bad_images:
@@ -346,14 +455,30 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
             explained, test=c.data.full_test, transform=c.data.transform(False), classes=c.data.classes,
             normalized=bool(c.data.normalize), cell=c.cell, input_size=c.input_size, ecfg=cfg.get("explain"),
             tr=tr, baseline_ckpt=c.method.baseline_ckpt, stand_in=stand_in))
-    result = CellResult(metrics, tr.run_id, model_path, test, list(c.fits))
-    _write_outputs(cfg, net, result, c.cell)
+        result = CellResult(metrics, tr.run_id, model_path, test, list(c.fits))
+        _write_outputs(cfg, net, result, c.cell)
+    shutil.rmtree(c.checkpoints, ignore_errors=True)
     _summary(c.cell, result, tr.uri)
     return result
 
 
+def run_params(cfg: DictConfig) -> dict[str, Any]:
+    """The run's params: the whole resolved config, flattened, without ``resume`` (an instruction,
+    not a setting: a resumed run keeps the params it started with)."""
+    return {k: v for k, v in flatten(cfg).items() if k != "resume"}
+
+
 def _write_outputs(cfg: DictConfig, net: nn.Module, result: CellResult, cell: dict[str, str]) -> None:
-    """The final model and a metrics JSON at fixed paths, for DVC's per-cell ``outs`` and ``metrics``."""
+    """The final model and a metrics JSON at fixed paths, for DVC's per-cell ``outs`` and ``metrics``
+    (written before the run is marked FINISHED; a failure here ends it FAILED)."""
+    try:
+        _write_output_files(cfg, net, result, cell)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run's outputs ({exc}); give writable paths.model_out, "
+                          "paths.weights_out and paths.metrics_out") from exc
+
+
+def _write_output_files(cfg: DictConfig, net: nn.Module, result: CellResult, cell: dict[str, str]) -> None:
     if cfg.paths.get("model_out"):
         measure.save_model(net, cfg.paths.model_out)
     if cfg.paths.get("weights_out"):
@@ -384,8 +509,8 @@ def metrics_of_test(res: dict[str, Any], classes: list[str]) -> dict[str, float]
     m: dict[str, float] = {"test/acc": float(res["acc"]), "test/loss": float(res["loss"]),
                            "test/f1_macro": float(res["f1_macro"])}
     for kind in tracking.PER_CLASS_KINDS:
-        for name, value in zip(classes, res[kind].tolist()):
-            m[tracking.class_key(kind, name)] = float(value)
+        for key, value in zip(tracking.class_keys(kind, classes), res[kind].tolist()):
+            m[key] = float(value)
     return m
 
 

@@ -15,18 +15,24 @@ Any preset key can be overridden with ``sweep.<key>=...`` on the command line.
 
 - Persistence: the study lives in ``storage`` and is loaded if it exists, so a killed sweep
   resumes with the trials still missing (COMPLETE trials are counted, never re-run), and
-  several processes started with the same command share the study. A trial left RUNNING by a
-  killed process is marked FAILED by Optuna's heartbeat and retried.
+  several processes started with the same command share the study. A trial whose process gets
+  SIGINT/SIGTERM ends FAIL (its MLflow run KILLED, its checkpoints kept); the next sweep started
+  on the study runs it again with the same values and ``resume=true``, so it continues that
+  MLflow run from its checkpoints. A trial left RUNNING by a process killed outright (SIGKILL)
+  is marked FAIL by Optuna's heartbeat and retried.
 - Single objective: trials are pruned through :class:`OptunaPruning`, a Lightning callback
   that reports ``val/acc`` after each validation and raises ``optuna.TrialPruned``.
 - Multi-objective: the Pareto front (``study.best_trials``) is written as ``pareto.csv``,
   ``pareto.md`` and ``pareto.png`` under ``reports/sweeps/<study>/``.
 - MLflow: one parent run per study (kept across resumes) with every trial's run nested under it.
+  Of several workers started together, the one whose ``create_study`` created the study creates
+  the parent run; the others wait for its id in the study's user attributes.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ from prunegrid import tracking
 from prunegrid.cli import ArgumentParser, guard
 from prunegrid.config import build, cell, compose, conf_dir
 from prunegrid.errors import ConfigError
+from prunegrid.interrupt import Interrupted, deferred, signals
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DIRECTIONS = ("maximize", "minimize")
@@ -48,6 +55,9 @@ OBJECTIVE_KEYS = (tracking.VAL_FINAL_METRICS + tracking.MODEL_METRICS + tracking
 PRUNING_MONITOR = "val/acc"
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
+INTERRUPTED_ATTR = "interrupted"     # a trial ended by SIGINT/SIGTERM: the signal's name
+RESUMES_ATTR = "resumes_trial"       # a trial that re-runs an interrupted one (its number), with resume=true
+PARENT_WAIT_S = 120
 
 _active: dict[str, Any] = {"trial": None, "step": 0}
 
@@ -148,11 +158,12 @@ def suggest(trial: optuna.Trial, space: DictConfig) -> dict[str, Any]:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage with a heartbeat (killed trials become FAILED and are retried)."""
+    """An Optuna RDB storage with a heartbeat (killed trials become FAILED and are retried); a fresh
+    SQLite file is created by one process at a time."""
     import warnings
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), tracking.store_lock(url):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=30, grace_period=90,
@@ -163,8 +174,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                           f"e.g. sweep.storage={DEFAULT_STORAGE}") from exc
 
 
-def trial_config(preset: DictConfig, overrides: list[str], values: dict[str, Any], pruning: bool) -> DictConfig:
-    cfg = compose([*preset.get("overrides", []), *overrides, *(f"{k}={v}" for k, v in values.items())])
+def trial_config(preset: DictConfig, overrides: list[str], values: dict[str, Any], pruning: bool,
+                 resume: bool = False) -> DictConfig:
+    cfg = compose([*preset.get("overrides", []), *overrides, *(f"{k}={v}" for k, v in values.items()),
+                   *(["resume=true"] if resume else [])])
     if pruning:
         OmegaConf.update(cfg, "trainer.callbacks.optuna_pruning",
                          {"_target_": f"{__name__}.OptunaPruning", "monitor": PRUNING_MONITOR}, force_add=True)
@@ -183,32 +196,54 @@ def _check_space_keys(preset: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 # -- the sweep ----------------------------------------------------------------------------------
-def create_study(preset: DictConfig) -> optuna.Study:
+def create_study(preset: DictConfig) -> tuple[optuna.Study, bool]:
+    """The preset's study, loaded when it exists; ``True`` with it when this call created it."""
     storage = open_storage(str(preset.get("storage") or DEFAULT_STORAGE))
     sampler = build(preset.sampler) if preset.get("sampler") else None
     multi = len(preset.objectives) > 1
     pruner = optuna.pruners.NopPruner() if multi or not preset.get("pruner") else build(preset.pruner)
+    created = True
     try:
         study = optuna.create_study(storage=storage, study_name=str(preset.study_name), sampler=sampler,
-                                    pruner=pruner, directions=list(preset.objectives.values()), load_if_exists=True)
-    except ValueError as exc:  # the stored study has other directions
-        raise ConfigError(f"study '{preset.study_name}' exists with other objectives ({str(exc).splitlines()[0]}); "
-                          "give a new sweep.study_name") from exc
+                                    pruner=pruner, directions=list(preset.objectives.values()))
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+        study = optuna.load_study(storage=storage, study_name=str(preset.study_name), sampler=sampler, pruner=pruner)
     if study.directions != [optuna.study.StudyDirection[d.upper()] for d in preset.objectives.values()]:
-        raise ConfigError(f"study '{preset.study_name}' exists with other objective directions; give a new "
+        raise ConfigError(f"study '{preset.study_name}' exists with other objectives or directions; give a new "
                           "sweep.study_name")
     seed = preset.sampler.get("seed") if preset.get("sampler") else None
     if seed is not None and study.trials:  # a resumed/joined sweep must not replay the first trials' samples
         study.sampler = build(preset.sampler, seed=int(seed) + len(study.trials))
-    return study
+    return study, created
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Queue again, with the same values, every trial that SIGINT/SIGTERM ended and no trial re-runs yet
+    (its cell then resumes the KILLED MLflow run); the numbers of the trials queued."""
+    trials = study.get_trials(deepcopy=False)
+    taken = {t.user_attrs.get(RESUMES_ATTR) for t in trials}
+    queued = []
+    for t in trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in taken:
+            study.enqueue_trial(t.params, user_attrs={RESUMES_ATTR: t.number}, skip_if_exists=False)
+            queued.append(t.number)
+    return queued
 
 
 def complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def _parent_run(study: optuna.Study, cfg: DictConfig, preset: DictConfig) -> str:
+def _parent_run(study: optuna.Study, cfg: DictConfig, preset: DictConfig, created: bool) -> str:
+    """The study's MLflow parent run: made by the worker that created the study; the others wait for it."""
+    import time
+
     run_id = study.user_attrs.get(PARENT_ATTR)
+    deadline = time.monotonic() + (0 if created else PARENT_WAIT_S)
+    while not run_id and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
         return run_id
     labels = cell(cfg)
@@ -216,7 +251,7 @@ def _parent_run(study: optuna.Study, cfg: DictConfig, preset: DictConfig) -> str
     run_id = tracking.start_parent_run(cfg.tracking.get("uri"), experiment, f"sweep-{study.study_name}",
                                        {"sweep": str(study.study_name), "prune": labels["prune"]})
     study.set_user_attr(PARENT_ATTR, run_id)
-    return study.user_attrs.get(PARENT_ATTR, run_id)
+    return run_id
 
 
 def run_sweep(name: str, overrides: list[str] = (), out: str | Path = "reports/sweeps",
@@ -232,18 +267,28 @@ def run_sweep(name: str, overrides: list[str] = (), out: str | Path = "reports/s
     preset = load_preset(name, [o for o in overrides if o.startswith("sweep.")])
     cell_overrides = [o for o in overrides if not o.startswith("sweep.")]
     cell_cfg = _check_space_keys(preset, cell_overrides)
-    study = create_study(preset)
+    study, created = create_study(preset)
     keys = list(preset.objectives)
     multi = len(keys) > 1
-    parent = _parent_run(study, cell_cfg, preset)
+    parent = _parent_run(study, cell_cfg, preset, created)
     target = int(preset.n_trials)
+    requeued = requeue_interrupted(study)
+    if requeued:
+        print(f"prunegrid: sweep {study.study_name}: trials {requeued} were interrupted; running them again "
+              "from their checkpoints")
 
     def objective(trial: optuna.Trial):
         values = suggest(trial, preset.space)
-        cfg = trial_config(preset, cell_overrides, values, pruning=not multi)
+        cfg = trial_config(preset, cell_overrides, values, pruning=not multi,
+                           resume=RESUMES_ATTR in trial.user_attrs)
         _active.update(trial=trial, step=0)
         try:
             metrics = run(cfg, parent_run_id=parent)
+        except Interrupted as exc:   # not an Exception, so Optuna would leave the trial RUNNING
+            with deferred():
+                trial.set_user_attr(INTERRUPTED_ATTR, signal.Signals(exc.signum).name)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
         finally:
             _active.update(trial=None, step=0)
         trial.set_user_attr(RUN_ATTR, metrics.run_id)
@@ -324,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     names = [x.split("=", 1)[1] for x in a.args if x.startswith("sweep=")]
     if len(names) != 1:
         p.error("name one preset: sweep=<name> (conf/sweep/<name>.yaml)")
-    with guard():
+    with guard(), signals():
         study = run_sweep(names[0], [x for x in a.args if not x.startswith("sweep=")], a.out, a.max_new_trials)
     print(f"prunegrid: sweep {study.study_name}: {complete(study)} complete trials -> "
           f"{Path(a.out) / study.study_name / 'pareto.md'}")

@@ -7,7 +7,6 @@ The pipeline logs through :class:`Tracker`; the grid report reads runs back thro
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import tempfile
 import traceback
@@ -85,14 +84,80 @@ REQUIRED_ARTIFACTS = (ARTIFACT_CONFIG, ARTIFACT_CONFUSION, ARTIFACT_CURVES, ARTI
 
 
 def class_key(kind: str, class_name: str) -> str:
-    """``test/f1_<class>`` with the class name made safe (``T-shirt/top`` -> ``t_shirt_top``)."""
-    safe = re.sub(r"[^0-9a-zA-Z]+", "_", class_name).strip("_").lower() or "class"
-    return f"test/{kind}_{safe}"
+    """``test/f1_<class>`` with the class name kept in any script, made safe for MLflow
+    (``T-shirt/top`` -> ``test/f1_t_shirt_top``, ``화재`` -> ``test/f1_화재``)."""
+    from prunegrid.naming import key_part
+
+    return f"test/{kind}_{key_part(class_name)}"
+
+
+def class_keys(kind: str, classes: list[str]) -> list[str]:
+    """:func:`class_key` of every class, distinct: a name that collides after sanitising gets ``_2``, ..."""
+    from prunegrid.naming import key_part, unique_parts
+
+    return [f"test/{kind}_{part}" for part in unique_parts(classes, key_part)]
 
 
 def resolve_uri(uri: str | None = None) -> str:
     """The tracking URI: an explicit ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else SQLite at the root."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+TAG_CONFIG_MD5 = "config_md5"   # md5 of the run's params: resume=true continues a run with the same one
+TAG_RESUMES = "resumes"         # how many times the run was resumed
+RESUMABLE = ("KILLED", "FAILED")
+
+
+def config_md5(params: dict[str, Any]) -> str:
+    """A digest of a run's params (its whole resolved config), the same in every process."""
+    import hashlib
+    import json
+
+    return hashlib.md5(json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Several processes opening one fresh SQLite store at once would each create its tables: the
+    first to arrive does it under a file lock beside the database (other stores need none)."""
+    from mlflow.utils.uri import extract_db_type_from_uri
+
+    path = None
+    try:
+        if extract_db_type_from_uri(uri) == "sqlite":
+            path = uri.split(":///", 1)[1] if ":///" in uri else None
+    except Exception:
+        path = None
+    if not path or path == ":memory:":
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(f"{path}.lock", timeout=600):
+        yield
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing (another process may create it at the same moment)."""
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def open_client(uri: str | None) -> MlflowClient:
+    """An ``MlflowClient`` whose store is open (created first under :func:`store_lock`)."""
+    uri = resolve_uri(uri)
+    client = MlflowClient(uri)
+    with store_lock(uri):
+        client._tracking_client.store  # noqa: B018  (opening the store creates a fresh database's tables)
+    return client
 
 
 # Data-preparation runs (not grid cells) carry TAG_JOB (the GAN job's own keys live in prunegrid.data.gan).
@@ -144,6 +209,16 @@ class EpochLogger(Logger):
         self.offset = 0
         self.history: list[dict[str, float]] = []
 
+    def restore(self) -> None:
+        """A resumed run: the epoch metrics logged before the interruption come back into ``history``."""
+        by_step: dict[int, dict[str, float]] = {}
+        run = self.tracker.client.get_run(self.tracker.run_id)
+        for key in run.data.metrics:
+            if key in EPOCH_METRICS:
+                for m in self.tracker.client.get_metric_history(self.tracker.run_id, key):
+                    by_step.setdefault(int(m.step), {"epoch": int(m.step)})[key] = float(m.value)
+        self.history = [by_step[k] for k in sorted(by_step)]
+
     @property
     def name(self) -> str:
         return "prunegrid"
@@ -180,33 +255,57 @@ class Tracker:
         self.uri = resolve_uri(uri)
         self.experiment, self.name, self.tags = experiment, name, dict(tags)
         self.run_id: str | None = None
-        self.client = MlflowClient(self.uri)
+        self.client = open_client(self.uri)
         self._tmp = tempfile.TemporaryDirectory(prefix="prunegrid-")
         self.artifact_dir = Path(self._tmp.name)
 
-    @contextmanager
-    def run(self, params: dict[str, Any], parent_run_id: str | None = None) -> Iterator["Tracker"]:
-        """Start the run; end it FINISHED, or FAILED with the reason in ``status_detail``."""
-        mlflow.set_tracking_uri(self.uri)
+    def resumable(self, config_md5: str) -> str | None:
+        """The latest KILLED or FAILED run of this experiment with the same ``config_md5``, if any."""
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-        tags = {k: str(v) for k, v in self.tags.items()}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(exp_id, run_name=self.name, tags=tags)
-        self.run_id = run.info.run_id
+        if exp is None:
+            return None
+        runs = self.client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                                       filter_string=f"tags.{TAG_CONFIG_MD5} = '{config_md5}'")
+        runs = [r for r in runs if r.info.status in RESUMABLE]
+        return runs[0].info.run_id if runs else None
+
+    @contextmanager
+    def run(self, params: dict[str, Any], parent_run_id: str | None = None,
+            resume_run_id: str | None = None) -> Iterator["Tracker"]:
+        """Start the run (or reopen ``resume_run_id``); end it FINISHED, KILLED on SIGINT/SIGTERM, or
+        FAILED, with the reason in ``status_detail``."""
+        from prunegrid.interrupt import Interrupted, deferred
+
+        mlflow.set_tracking_uri(self.uri)
+        with deferred():
+            if resume_run_id:
+                old = self.client.get_run(resume_run_id)
+                self.run_id = resume_run_id
+                self.client.update_run(resume_run_id, status="RUNNING")
+                self.set_tags({"status_detail": "running (resumed)",
+                               TAG_RESUMES: int(old.data.tags.get(TAG_RESUMES, 0)) + 1})
+            else:
+                tags = {k: str(v) for k, v in self.tags.items()}
+                if parent_run_id:
+                    tags["mlflow.parentRunId"] = parent_run_id
+                run = self.client.create_run(experiment_id(self.client, self.experiment), run_name=self.name, tags=tags)
+                self.run_id = run.info.run_id
+                self.log_params(params)
         try:
-            self.log_params(params)
             yield self
         except BaseException as exc:
-            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:4000]
-            self.client.set_tag(self.run_id, "status_detail", detail)
-            self.client.log_text(self.run_id, traceback.format_exc(), "error.txt")
-            self.client.set_terminated(self.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            with deferred():
+                detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:4000]
+                killed = isinstance(exc, (Interrupted, KeyboardInterrupt))
+                self.client.set_tag(self.run_id, "status_detail", detail)
+                if not killed:
+                    self.client.log_text(self.run_id, traceback.format_exc(), "error.txt")
+                self.client.set_terminated(self.run_id, "KILLED" if killed else "FAILED")
             raise
         else:
-            self.client.set_tag(self.run_id, "status_detail", "")
-            self.client.set_terminated(self.run_id, "FINISHED")
+            with deferred():
+                self.client.set_tag(self.run_id, "status_detail", "")
+                self.client.set_terminated(self.run_id, "FINISHED")
         finally:
             self._tmp.cleanup()
 
@@ -240,10 +339,9 @@ class Tracker:
 
 def start_parent_run(uri: str | None, experiment: str, name: str, tags: dict[str, str]) -> str:
     """A run that groups others (a sweep's trials nest under it with ``mlflow.parentRunId``)."""
-    client = MlflowClient(resolve_uri(uri))
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    return client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()}).info.run_id
+    client = open_client(uri)
+    return client.create_run(experiment_id(client, experiment), run_name=name,
+                             tags={k: str(v) for k, v in tags.items()}).info.run_id
 
 
 def end_parent_run(uri: str | None, run_id: str, status: str = "FINISHED") -> None:

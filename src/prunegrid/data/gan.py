@@ -17,7 +17,7 @@ images' (Inception Score filtering). Here:
    softmax** (torchmetrics' ``InceptionScore`` with the classifier as feature extractor), not
    InceptionV3's, for the kept set, for all generated images and for the real training images;
 5. kept images are written as ``OUT/<class>/*.png`` (class folder names = the data set's class
-   names, see :func:`prunegrid.data.synthetic.class_dirname`), for ``dataset.synthetic=OUT``.
+   names, see :func:`prunegrid.data.synthetic.class_dirnames`), for ``dataset.synthetic=OUT``.
 
 Losses per epoch, a sample grid per class and the scores go to MLflow, in the data set's
 experiment, in a run tagged ``job=gan_augment`` (names in :mod:`prunegrid.tracking`).
@@ -47,7 +47,7 @@ from torchvision.transforms import v2
 
 from prunegrid import tracking
 from prunegrid.config import build, cell, compose, flatten
-from prunegrid.data.synthetic import class_dirname
+from prunegrid.data.synthetic import class_dirnames
 from prunegrid.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "gan" / "default.yaml"
@@ -332,8 +332,8 @@ def write_images(x: torch.Tensor, labels: torch.Tensor, classes: list[str], out:
     """Kept images as ``out/<class>/<n>.png``; class folders of an earlier run are replaced."""
     counts = {}
     arr = to_uint8(x)
-    for c, name in enumerate(classes):
-        d = out / class_dirname(name)
+    for c, (name, folder) in enumerate(zip(classes, class_dirnames(classes))):
+        d = out / folder
         if d.is_dir():
             shutil.rmtree(d)
         d.mkdir(parents=True)
@@ -419,8 +419,8 @@ def _augment(opts, x, y, classes, dataset, tr) -> dict[str, Any]:
                         GAN_CLASSIFIER_ACC: clf_acc, GAN_TRAIN_S: train_s})
         grids = tr.artifact_dir / ARTIFACT_GAN_SAMPLES
         grids.mkdir(parents=True, exist_ok=True)
-        for c, name in enumerate(classes):
-            sample_grid(fake[labels == c], grids / f"{class_dirname(name)}.png", name)
+        for c, (name, folder) in enumerate(zip(classes, class_dirnames(classes))):
+            sample_grid(fake[labels == c], grids / f"{folder}.png", name)
         tr.log_artifact(grids)
         tr.log_artifact(out / ARTIFACT_GAN_SUMMARY)
         summary["run_id"] = tr.run_id

@@ -8,6 +8,7 @@ into normalised 3-channel tensors.
 from __future__ import annotations
 
 import gzip
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -71,7 +72,8 @@ class ImageFiles(Dataset):
             with Image.open(path) as im:
                 return im.convert("RGB"), label
         except Exception as exc:
-            raise DataError(f"cannot read image {path} ({exc}); fix or remove it, or set dataset.skip_bad_images=true") from exc
+            raise DataError(f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:100]}); fix or remove it, "
+                            "or set dataset.skip_bad_images=true") from exc
 
     @property
     def targets(self) -> list[int]:
@@ -142,16 +144,21 @@ def _class_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _check_images(samples: list[tuple[Path, int]], skip_bad: bool) -> tuple[list[tuple[Path, int]], int]:
+    """Decode every image once before training (``Image.verify`` alone passes a truncated JPEG):
+    a bad one stops the run in one line naming it, or with ``skip_bad`` is skipped and counted."""
+    from tqdm import tqdm
+
     good = []
-    for path, label in samples:
+    for path, label in tqdm(samples, desc="checking images", unit="img", leave=False, file=sys.stderr,
+                            disable=len(samples) < 2000):
         try:
             with Image.open(path) as im:
-                im.verify()
+                im.load()
             good.append((path, label))
         except Exception as exc:
             if not skip_bad:
-                raise DataError(f"cannot read image {path} ({type(exc).__name__}); fix or remove it, "
-                                "or set dataset.skip_bad_images=true to skip and count bad files") from exc
+                raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {str(exc)[:100]}); fix or remove "
+                                "it, or set dataset.skip_bad_images=true to skip and count bad files") from exc
     return good, len(samples) - len(good)
 
 

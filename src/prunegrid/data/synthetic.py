@@ -7,28 +7,28 @@ DataModule concatenates these images to the training split only.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from prunegrid.data.sources import IMAGE_EXTENSIONS, ImageFiles
 from prunegrid.errors import DataError
+from prunegrid.naming import dir_part, unique_parts
 
 
-def class_dirname(name: str) -> str:
-    """A class name as a folder name: path separators and odd characters become ``_`` (``T-shirt/top`` -> ``T-shirt_top``)."""
-    safe = re.sub(r"[^0-9A-Za-z._ -]+", "_", name).strip(" .")
-    return safe or "class"
+def class_dirnames(classes: list[str]) -> list[str]:
+    """The folder of each class: its name in any script, path separators and odd characters as ``_``
+    (``T-shirt/top`` -> ``T-shirt_top``, ``비화재`` -> ``비화재``); distinct (``_2``, ... on a collision)."""
+    return unique_parts(classes, dir_part)
 
 
 def synthetic_folder(root: str | Path, classes: list[str]) -> ImageFiles:
-    """The images of ``root/<class_dirname(c)>/`` labelled with the index of ``c`` in ``classes``.
+    """The images of ``root/<class_dirnames(classes)[i]>/`` labelled with class ``i``.
 
     Every class folder must name a class of the data set (a class may have no folder).
     """
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise DataError(f"dataset.synthetic={root} is not a directory; give the output dir of prunegrid.data.gan")
-    index = {class_dirname(c): i for i, c in enumerate(classes)}
+    index = {d: i for i, d in enumerate(class_dirnames(classes))}
     folders = sorted(d for d in root_path.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown = [d.name for d in folders if d.name not in index]
     if unknown or not folders:
