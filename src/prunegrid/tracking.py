@@ -154,8 +154,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 def open_client(uri: str | None) -> MlflowClient:
     """An ``MlflowClient`` whose store is open (created first under :func:`store_lock`)."""
     uri = resolve_uri(uri)
-    client = MlflowClient(uri)
     with store_lock(uri):
+        client = MlflowClient(uri)
         client._tracking_client.store  # noqa: B018  (opening the store creates a fresh database's tables)
     return client
 
