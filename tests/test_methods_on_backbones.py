@@ -6,6 +6,8 @@ in the pipeline's order (``check → before_fit → fit → after_fit → fine-t
 with a real Lightning fit of one batch, the final model reloads safely (``weights_only``) and gives
 the same logits, the ONNX model runs in ONNX Runtime, and a float model
 gives a Grad-CAM map at its declared layer. A new YAML in either group is tested with no new code.
+The pairs of the methods that train or export a full copy with the largest backbones (:data:`BIG`)
+are ``slow``.
 
 Also: no module outside ``prunegrid.models`` reads a ``Net`` attribute the contract does not
 declare (``prunegrid.models.net.DECLARED``).
@@ -89,8 +91,16 @@ class Recorder:
         return {"acc": float((logits.argmax(1) == self.y).float().mean()), "loss": float(self.loss(logits, self.y))}
 
 
-@pytest.mark.parametrize("backbone", options("backbone"))
-@pytest.mark.parametrize("prune", options("prune"))
+# Backbones of 20M parameters or more: their pairs with the methods that train or export a full
+# copy (8-60 s each on 2 cores) run with the slow tests; prune=none, layer_importance and slimming
+# on them (under 5 s) stay in the default run.
+BIG = {"vgg19", "efficientnet_b5", "resnet50", "se_resnet50", "sse_resnet50", "xception"}
+QUICK_ON_BIG = {"none", "layer_importance", "slimming"}
+PAIRS = [pytest.param(p, b, marks=[pytest.mark.slow] if b in BIG and p not in QUICK_ON_BIG else [])
+         for p in options("prune") for b in options("backbone")]
+
+
+@pytest.mark.parametrize("prune, backbone", PAIRS)
 def test_every_method_runs_on_every_backbone(prune, backbone, tmp_path):
     import onnxruntime as ort
 

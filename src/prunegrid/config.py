@@ -87,20 +87,20 @@ def unknown_key(key: str, overrides: list[str], config_name: str = "config") -> 
     import difflib
 
     rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
-    base = compose(rest, config_name, check=False)
+    composed = compose(rest, config_name, check=False)
     parts = key.split(".")
     depth = len(parts) - 1
-    while depth > 0 and not isinstance(OmegaConf.select(base, ".".join(parts[:depth])), DictConfig):
+    while depth > 0 and not isinstance(OmegaConf.select(composed, ".".join(parts[:depth])), DictConfig):
         depth -= 1
     parent, leaf = ".".join(parts[:depth]), parts[depth]
-    node = OmegaConf.select(base, parent) if parent else base
+    node = OmegaConf.select(composed, parent) if parent else composed
     names = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
     full = lambda n: f"{parent}.{n}" if parent else n  # noqa: E731
     close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.6)
     hidden = {"_target_", "label", "choices"}
     shown = [n for n in names if n not in hidden]
     if parent in GROUPS and depth == 1 and not close:
-        chosen = base.choices.get(parent) if base.get("choices") else None
+        chosen = composed.choices.get(parent) if composed.get("choices") else None
         others = {o: [str(k) for k in (OmegaConf.load(conf_dir() / parent / f"{o}.yaml") or {}) if k not in hidden]
                   for o in options(parent)}
         owners = [o for o, keys in others.items() if leaf in keys]

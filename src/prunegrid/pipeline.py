@@ -27,7 +27,7 @@ from torch import nn
 
 from prunegrid import interrupt, measure, plots, tracking
 from prunegrid.budget import TAG_REF_PRUNE, Budget
-from prunegrid.config import build, cell, flatten, with_choices
+from prunegrid.config import build, cell, check_values, flatten, with_choices
 from prunegrid.errors import ConfigError, one_line
 from prunegrid.models.module import Classifier
 from prunegrid.models.net import FLOAT, Net
@@ -399,6 +399,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
 
 
 def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
+    check_values(cfg)  # before anything is built or logged (train.py -m, sweeps, configs built in code)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     cfg = with_choices(cfg)
     c = Cell(cfg)

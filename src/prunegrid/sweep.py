@@ -57,7 +57,8 @@ PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 INTERRUPTED_ATTR = "interrupted"     # a trial ended by SIGINT/SIGTERM: the signal's name
 RESUMES_ATTR = "resumes_trial"       # a trial that re-runs an interrupted one (its number), with resume=true
-PARENT_WAIT_S = 120
+PARENT_PENDING = "pending"            # the study's creator is making the parent run
+PARENT_WAIT_S, PARENT_GRACE_S = 120, 2.0
 
 _active: dict[str, Any] = {"trial": None, "step": 0}
 
@@ -206,6 +207,7 @@ def create_study(preset: DictConfig) -> tuple[optuna.Study, bool]:
     try:
         study = optuna.create_study(storage=storage, study_name=str(preset.study_name), sampler=sampler,
                                     pruner=pruner, directions=list(preset.objectives.values()))
+        study.set_user_attr(PARENT_ATTR, PARENT_PENDING)  # workers joining now wait for the parent run
     except optuna.exceptions.DuplicatedStudyError:
         created = False
         study = optuna.load_study(storage=storage, study_name=str(preset.study_name), sampler=sampler, pruner=pruner)
@@ -236,15 +238,19 @@ def complete(study: optuna.Study) -> int:
 
 
 def _parent_run(study: optuna.Study, cfg: DictConfig, preset: DictConfig, created: bool) -> str:
-    """The study's MLflow parent run: made by the worker that created the study; the others wait for it."""
+    """The study's MLflow parent run, made once. The worker whose ``create_study`` created the study
+    marks it pending at once and makes the run; a worker that joined waits for the run's id (up to
+    :data:`PARENT_WAIT_S` while pending, a short grace otherwise: a study made before this version
+    has no mark) and makes the run itself only when none comes."""
     import time
 
     run_id = study.user_attrs.get(PARENT_ATTR)
-    deadline = time.monotonic() + (0 if created else PARENT_WAIT_S)
-    while not run_id and time.monotonic() < deadline:
-        time.sleep(0.5)
-        run_id = study.user_attrs.get(PARENT_ATTR)
-    if run_id:
+    if not created:
+        deadline = time.monotonic() + (PARENT_WAIT_S if run_id == PARENT_PENDING else PARENT_GRACE_S)
+        while run_id in (None, PARENT_PENDING) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id and run_id != PARENT_PENDING:
         return run_id
     labels = cell(cfg)
     experiment = preset.get("experiment") or cfg.tracking.get("experiment") or labels["dataset"]

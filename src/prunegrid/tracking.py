@@ -128,12 +128,12 @@ def store_lock(uri: str) -> Iterator[None]:
             path = uri.split(":///", 1)[1] if ":///" in uri else None
     except Exception:
         path = None
-    if not path or path == ":memory:":
-        yield
+    if not path or path == ":memory:" or not Path(path).expanduser().parent.is_dir():
+        yield  # nothing to lock (the store reports a folder that does not exist itself)
         return
     from filelock import FileLock
 
-    with FileLock(f"{path}.lock", timeout=600):
+    with FileLock(f"{Path(path).expanduser()}.lock", timeout=600):
         yield
 
 
