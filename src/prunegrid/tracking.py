@@ -105,6 +105,7 @@ def resolve_uri(uri: str | None = None) -> str:
 
 TAG_CONFIG_MD5 = "config_md5"   # md5 of the run's params: resume=true continues a run with the same one
 TAG_RESUMES = "resumes"         # how many times the run was resumed
+TAG_RESUMED_COMMIT = "git_commit_resumed"  # the code that resumed the run, when it differs from git_commit
 RESUMABLE = ("KILLED", "FAILED")
 
 
@@ -249,7 +250,8 @@ class EpochLogger(Logger):
 
 
 class Tracker:
-    """One MLflow run per cell: tags, flattened params, metrics, artifacts, and FAILED on error."""
+    """One MLflow run per cell: tags, flattened params, metrics, artifacts; FAILED on error, KILLED on
+    SIGINT/SIGTERM, and reopened to resume."""
 
     def __init__(self, uri: str | None, experiment: str, name: str, tags: dict[str, str]):
         self.uri = resolve_uri(uri)
@@ -284,6 +286,9 @@ class Tracker:
                 self.client.update_run(resume_run_id, status="RUNNING")
                 self.set_tags({"status_detail": "running (resumed)",
                                TAG_RESUMES: int(old.data.tags.get(TAG_RESUMES, 0)) + 1})
+                now = self.tags.get("git_commit")
+                if now and old.data.tags.get("git_commit") != now:  # the code changed between the attempts
+                    self.set_tags({TAG_RESUMED_COMMIT: now})
             else:
                 tags = {k: str(v) for k, v in self.tags.items()}
                 if parent_run_id:
