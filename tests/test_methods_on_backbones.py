@@ -94,7 +94,7 @@ class Recorder:
 # Backbones of 20M parameters or more: their pairs with the methods that train or export a full
 # copy (8-60 s each on 2 cores) run with the slow tests; prune=none, layer_importance and slimming
 # on them (under 5 s) stay in the default run.
-BIG = {"vgg19", "efficientnet_b5", "resnet50", "se_resnet50", "sse_resnet50", "xception"}
+BIG = {"vgg19", "efficientnet_b5", "resnet34", "resnet50", "se_resnet50", "sse_resnet50", "xception"}
 QUICK_ON_BIG = {"none", "layer_importance", "slimming"}
 PAIRS = [pytest.param(p, b, marks=[pytest.mark.slow] if b in BIG and p not in QUICK_ON_BIG else [])
          for p in options("prune") for b in options("backbone")]

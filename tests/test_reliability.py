@@ -38,7 +38,7 @@ def _train_args(tmp_path: Path, *extra: str) -> list[str]:
     """A cell whose fit lasts a few seconds per epoch (so a signal lands mid-fit), in ``tmp_path``."""
     return [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"paths.output_dir={tmp_path}/out",
             f"paths.checkpoint_dir={tmp_path}/ckpt", f"paths.data_dir={DATA}", "backbone=simple_cnn",
-            "dataset.subset=1024", "dataset.batch_size=32", "trainer.max_epochs=3",
+            "dataset.subset=512", "dataset.batch_size=16", "trainer.max_epochs=3",
             "trainer.callbacks.early_stopping=null", "trainer.enable_progress_bar=false", "measure.warmup=1",
             "measure.repeats=3", "measure.batch_size=4", "measure.memory=false", "explain.enabled=false", *extra]
 
