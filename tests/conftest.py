@@ -27,6 +27,7 @@ def tiny(tmp_path: Path, *extra: str) -> list[str]:
     return [
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         f"paths.output_dir={tmp_path}/out",
+        f"paths.checkpoint_dir={tmp_path}/ckpt",   # a FAILED run keeps its checkpoints: not in the checkout
         f"paths.data_dir={DATA}",
         "dataset.subset=64",
         "dataset.batch_size=16",

@@ -162,7 +162,7 @@ def test_sigint_and_sigterm_mid_fit_end_killed_without_test_metrics_then_resume(
 
 def test_six_processes_write_one_fresh_sqlite_store(tmp_path):
     procs = [_popen(tiny(tmp_path / f"p{i}", f"tracking.uri=sqlite:///{tmp_path}/shared.db", "backbone=simple_cnn",
-                         f"seed={i}", "explain.enabled=false", f"paths.checkpoint_dir={tmp_path}/ckpt"), tmp_path)
+                         f"seed={i}", "explain.enabled=false"), tmp_path)
              for i in range(6)]
     for p in procs:
         _, err = p.communicate(timeout=600)
