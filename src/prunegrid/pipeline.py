@@ -235,11 +235,9 @@ class Cell:
                 log.warning("best checkpoint does not fit the model changed during training; keeping the last weights")
         self._fit_done(stats, trainer.current_epoch)
         if fit_dir is not None:
-            with interrupt.deferred():
-                torch.save({"state_dict": module.net.state_dict(), "stats": asdict(stats),
-                            "epochs_done": int(trainer.current_epoch), "rng": _rng_state()},
-                           fit_dir / (DONE_FILE + ".part"))
-                os.replace(fit_dir / (DONE_FILE + ".part"), fit_dir / DONE_FILE)
+            AtomicCheckpointIO().save_checkpoint({"state_dict": module.net.state_dict(), "stats": asdict(stats),
+                                                  "epochs_done": int(trainer.current_epoch), "rng": _rng_state()},
+                                                 fit_dir / DONE_FILE)
         return module.net
 
     def _fit_done(self, stats: FitStats, epochs_done: int) -> None:

@@ -121,13 +121,12 @@ def config_md5(params: dict[str, Any]) -> str:
 def store_lock(uri: str) -> Iterator[None]:
     """Several processes opening one fresh SQLite store at once would each create its tables: the
     first to arrive does it under a file lock beside the database (other stores need none)."""
-    from mlflow.utils.uri import extract_db_type_from_uri
+    from sqlalchemy.engine import make_url
 
-    path = None
     try:
-        if extract_db_type_from_uri(uri) == "sqlite":
-            path = uri.split(":///", 1)[1] if ":///" in uri else None
-    except Exception:
+        url = make_url(uri)
+        path = url.database if url.get_backend_name() == "sqlite" else None
+    except Exception:  # not a database URL (a file store, an http server)
         path = None
     if not path or path == ":memory:" or not Path(path).expanduser().parent.is_dir():
         yield  # nothing to lock (the store reports a folder that does not exist itself)
@@ -157,7 +156,7 @@ def open_client(uri: str | None) -> MlflowClient:
     uri = resolve_uri(uri)
     with store_lock(uri):
         client = MlflowClient(uri)
-        client._tracking_client.store  # noqa: B018  (opening the store creates a fresh database's tables)
+        client.search_experiments(max_results=1)  # the first query opens the store: a fresh database gets its tables
     return client
 
 
