@@ -137,13 +137,23 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+# MLflow 3's UI opens an experiment by its kind: a model-training experiment opens on the runs table.
+TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+TAG_RUN_KIND = "prunegrid.kind"   # "cell", "grid" (a grid's parent run) or "sweep" (a study's parent run)
+TAG_MODEL_URI = "model_uri"       # the run's MLflow logged model, ``models:/m-...`` (load with mlflow.pyfunc)
+TAG_MODEL_FLAVOR = "model_flavor" # "pytorch", or "onnx" where the PyTorch flavour cannot hold the model (INT8)
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created when missing (another process may create it at the same moment)."""
+    """The id of experiment ``name``, created when missing (another process may create it at the same
+    moment) as a model-training experiment."""
     exp = client.get_experiment_by_name(name)
     if exp:
+        if exp.tags.get(TAG_EXPERIMENT_KIND) is None:
+            client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -346,6 +356,22 @@ def start_parent_run(uri: str | None, experiment: str, name: str, tags: dict[str
     client = open_client(uri)
     return client.create_run(experiment_id(client, experiment), run_name=name,
                              tags={k: str(v) for k, v in tags.items()}).info.run_id
+
+
+def register_model(uri: str | None, model_uri: str, name: str, aliases: list[str] = ()) -> str:
+    """Register ``model_uri`` (a run's logged model, ``models:/m-...``) as a new version of ``name`` in
+    the registry of the store at ``uri`` (``mlflow.register_model``) and point ``aliases``
+    (``best-channel``) at it; the version."""
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(resolve_uri(uri))
+    try:
+        version = mlflow.register_model(model_uri, name).version
+        client = MlflowClient(resolve_uri(uri))
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version)
+        return str(version)
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def end_parent_run(uri: str | None, run_id: str, status: str = "FINISHED") -> None:
