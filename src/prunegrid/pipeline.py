@@ -12,7 +12,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -412,7 +413,8 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
 
     params = run_params(cfg)
     config_md5 = tracking.config_md5(params)
-    tags = {**c.cell, "git_commit": tracking.git_commit(Path(__file__).parent),
+    commit = tracking.git_commit(Path(__file__).parent)
+    tags = {**c.cell, **tracking.source_tags(commit), tracking.TAG_RUN_KIND: "cell", "git_commit": commit,
             "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running",
             TAG_REF_PRUNE: c.method.reference, tracking.TAG_CONFIG_MD5: config_md5}
     exp = cfg.tracking.get("experiment") or c.cell["dataset"]
@@ -420,11 +422,14 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
     resume_id = c.tracker.resumable(config_md5) if cfg.get("resume") else None
     if cfg.get("resume") and resume_id is None:
         log.warning("resume=true: no KILLED or FAILED run of this config in %s; starting a new run", exp)
-    with c.tracker.run(params, parent_run_id=parent_run_id, resume_run_id=resume_id) as tr:
+    with c.tracker.run(params, parent_run_id=parent_run_id, resume_run_id=resume_id) as tr, \
+            _system_metrics(tr, cfg.tracking) as sysm:
         c.checkpoints = Path(cfg.paths.get("checkpoint_dir") or "checkpoints") / tr.run_id
         c.logger = tr.lightning_logger()
         if resume_id:
             c.logger.restore()
+        else:
+            _log_dataset(c, tr)
         ctx = c.context()
         tr.log_text(OmegaConf.to_yaml(cfg, resolve=True), tracking.ARTIFACT_CONFIG)
         if c.data.splits.bad_images:
@@ -442,8 +447,10 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         net, baseline_net = net.cpu(), baseline_net.cpu()
         model_path = measure.save_model(net, tr.artifact_dir / tracking.MODEL_FILE)
         tr.log_artifact(model_path, tracking.ARTIFACT_MODEL_DIR)
-        metrics.update(measure_model(net, baseline_net, model_path, method=c.method, input_size=c.input_size,
-                                     mcfg=cfg.measure, tr=tr))
+        with sysm.paused():
+            metrics.update(measure_model(net, baseline_net, model_path, method=c.method, input_size=c.input_size,
+                                         mcfg=cfg.measure, tr=tr))
+        _log_mlflow_model(c, tr, net)
         metrics.update(fit_metrics(c.fits, c.budget))
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)
@@ -459,6 +466,38 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
     shutil.rmtree(c.checkpoints, ignore_errors=True)
     _summary(c.cell, result, tr.uri)
     return result
+
+
+@contextmanager
+def _system_metrics(tr: tracking.Tracker, tcfg: DictConfig) -> Iterator[tracking.SystemMetrics]:
+    """MLflow system metrics sampled while the run trains (``tracking.system_metrics``), paused by the
+    pipeline while it times latency and memory."""
+    sysm = tracking.SystemMetrics(tr.run_id, tr.uri, float(tcfg.get("system_metrics_interval_s") or 10),
+                                  bool(tcfg.get("system_metrics", True)))
+    sysm.start()
+    try:
+        yield sysm
+    finally:
+        sysm.stop()
+
+
+def _log_dataset(c: Cell, tr: tracking.Tracker) -> None:
+    s = c.data.splits
+    sizes = {"train": len(s.train), "val": len(s.val) if s.val is not None else 0, "test": len(s.test)}
+    root = c.cfg.dataset.get("root") or c.cfg.paths.data_dir
+    tracking.log_dataset(tr.client, tr.run_id, c.cell["dataset"], tracking.data_md5(c.cfg.dataset.get("root")),
+                         str(root), sizes, c.num_classes)
+
+
+def _log_mlflow_model(c: Cell, tr: tracking.Tracker, net: nn.Module) -> None:
+    """The final model as an MLflow model (``mlflow.pyfunc.load_model`` predicts with it; tag
+    ``model_uri``), with two validation images as its input example."""
+    images, _ = next(iter(c.data.loader("val", shuffle=False, batch_size=2)))
+    onnx_path = tr.artifact_dir / tracking.ONNX_FILE
+    uri, flavor, why = tracking.log_model(tr.uri, tr.run_id, net, images.numpy(),
+                                          onnx_path if onnx_path.is_file() else None)
+    tr.set_tags({tracking.TAG_MODEL_URI: uri, tracking.TAG_MODEL_FLAVOR: flavor,
+                 **({"model_flavor_reason": why} if why else {})})
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:

@@ -405,3 +405,137 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, fini
         out[t] = df[f"tags.{t}"].fillna("") if f"tags.{t}" in df else ""
     metrics = df[[c for c in df.columns if c.startswith("metrics.")]]
     return pd.concat([out, metrics.rename(columns=lambda c: c.removeprefix("metrics."))], axis=1)
+
+
+# -- what the MLflow UI shows beside the metrics: data set, source, system metrics, model ----------
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column, the run page's git commit)."""
+    import getpass
+    import sys
+
+    entry = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL"}
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # no user name in a bare container
+        pass
+    return tags
+
+
+def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, source: str,
+                sizes: dict[str, int], classes: int) -> None:
+    """The run's data set as an MLflow dataset input (the UI's Dataset column and drawer): its name,
+    its digest (the DVC md5 of the data version) and, as tags of this run's input, the split sizes
+    and class count. MLflow stores one dataset per name and digest in an experiment, so sizes that
+    differ between runs (``dataset.subset``) go on the input, not in the dataset's profile."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    try:
+        src = resolve_dataset_source(str(Path(source).resolve()))
+    except Exception:  # a source MLflow cannot resolve: its name only
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        src = HTTPDatasetSource(f"file://{source}")
+    ds = MetaDataset(src, name=name, digest=str(digest)[:36])
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, "train"), InputTag("classes", str(classes)),
+            *(InputTag(f"{k}_images", str(v)) for k, v in sizes.items())]
+    client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=tags)])
+
+
+class SystemMetrics:
+    """MLflow's system-metrics sampler (CPU, memory, disk, network; GPU where present) on a run,
+    with :meth:`paused` to stop it while latency and memory are measured (its thread would
+    disturb the timing)."""
+
+    def __init__(self, run_id: str, uri: str, interval_s: float = 10.0, enabled: bool = True):
+        self.run_id, self.uri, self.interval_s, self.enabled = run_id, uri, float(interval_s), enabled
+        self._monitor = None
+        self._started = False
+
+    def start(self) -> None:
+        if not self.enabled or self._monitor is not None:
+            return
+        import logging as _logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        _logging.getLogger("mlflow.system_metrics").setLevel(_logging.WARNING)
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.interval_s,
+                                             resume_logging=self._started, tracking_uri=self.uri)
+        self._monitor.start()
+        self._started = True
+
+    def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        running = self._monitor is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
+
+
+def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None) -> tuple[str, str, str]:
+    """Log the run's final model as an MLflow model (``mlflow.pyfunc.load_model`` predicts with it):
+    the PyTorch flavour with a signature and an input example, else, where that flavour cannot hold
+    or run the model (INT8), the ONNX flavour of its ONNX export. Returns (model URI, flavour, why
+    the PyTorch flavour was not used, or "")."""
+    import warnings
+
+    import mlflow.onnx
+    import mlflow.pytorch
+    import numpy as np
+
+    import prunegrid
+
+    client = MlflowClient(uri)
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    example = np.ascontiguousarray(example, dtype=np.float32)
+    code = [str(Path(prunegrid.__file__).parent)]
+    try:
+        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                import torch
+                import torchvision
+
+                from mlflow.models import infer_signature
+
+                with torch.no_grad():
+                    out = net.eval()(torch.from_numpy(example)).numpy()
+                info = mlflow.pytorch.log_model(
+                    net, name=ARTIFACT_MODEL_DIR, run_id=run_id, signature=infer_signature(example, out),
+                    input_example=example, code_paths=code,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                      f"torchvision=={torchvision.__version__.split('+')[0]}"])
+                return info.model_uri, "pytorch", ""
+            except Exception as exc:
+                if onnx_path is None or not Path(onnx_path).is_file():
+                    raise
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                import onnx
+                import onnxruntime as ort
+
+                sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+                out = sess.run(None, {sess.get_inputs()[0].name: example})[0]
+                from mlflow.models import infer_signature
+
+                info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=ARTIFACT_MODEL_DIR, run_id=run_id,
+                                             signature=infer_signature(example, out), input_example=example,
+                                             pip_requirements=["onnxruntime", "onnx"])
+                return info.model_uri, "onnx", why
+    finally:
+        mlflow.set_tracking_uri(previous)
