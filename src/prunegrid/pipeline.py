@@ -393,8 +393,16 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
     config (``config_md5`` tag) in that same MLflow run, from its checkpoints; with none to
     resume, a new run starts.
     """
+    from prunegrid import progress
+
+    name = tracking.run_name(cell(cfg)) if progress.active() else None
+    if name:
+        progress.cell_started(name)
     with interrupt.signals():
-        return _run(cfg, parent_run_id)
+        result = _run(cfg, parent_run_id)
+    if name:
+        progress.cell_finished(name)
+    return result
 
 
 def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
@@ -457,6 +465,8 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         _log_reports(tr, test, c.data.classes, c.logger.history)
         from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (BaiNa & Joe (explainable channel attention))
         explained, stand_in = c.method.explained(net)
+        if (cfg.get("explain") or {}).get("enabled", False):
+            log.info("Grad-CAM of %d fixed test images", int(cfg.explain.n_images))
         metrics.update(log_run_explanations(
             explained, test=c.data.full_test, transform=c.data.transform(False), classes=c.data.classes,
             normalized=bool(c.data.normalize), cell=c.cell, input_size=c.input_size, ecfg=cfg.get("explain"),
@@ -577,6 +587,8 @@ def measure_model(net: nn.Module, baseline_net: nn.Module, model_path: Path, *, 
               if k in ("model/params", "model/flops")})
     device = measure.resolve_device(mcfg.get("device", "auto"), net, input_size)
     tr.set_tags({tracking.TAG_MEASURE_DEVICE: device})
+    log.info("measuring: eager latency against the dense baseline on %s (%d interleaved rounds x 3 deployments)",
+             device, int(mcfg.repeats))
     m.update(_latency(net, baseline_net, input_size, mcfg, device))
     m.update(_onnx_metrics(method, net, baseline_net, input_size, mcfg, tr))
     m.update(_memory(model_path, input_size, mcfg, device, tr))
@@ -610,6 +622,7 @@ def _onnx_metrics(method: PruningMethod, net: nn.Module, baseline_net: nn.Module
     import tempfile
 
     try:
+        log.info("measuring: ONNX export, then ONNX Runtime latency against the dense baseline")
         onnx_path = method.to_onnx(net, input_size, tr.artifact_dir / tracking.ONNX_FILE)
         with tempfile.TemporaryDirectory(prefix="prunegrid-onnx-") as tmp:
             base_path = measure.export_onnx(baseline_net, input_size, Path(tmp) / "baseline.onnx")
@@ -633,6 +646,7 @@ def _memory(path: Path, input_size: int, mcfg: DictConfig, device: str, tr: trac
     figures under other names."""
     if not mcfg.get("memory", True):
         return {}
+    log.info("measuring: memory of the saved model in a fresh process")
     try:
         probe = measure.model_memory(path, input_size, int(mcfg.batch_size), threads=mcfg.threads, device=device)
     except Exception as exc:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from torch import nn
 from prunegrid import measure
 from prunegrid.errors import ConfigError, one_line
 from prunegrid.models.net import FX, Net
+
+log = logging.getLogger("prunegrid")
 from prunegrid.pruning.base import Context, PruningMethod
 
 
@@ -239,6 +242,7 @@ class QuantInt8(PruningMethod):
 
     def after_fit(self, net: nn.Module, ctx: Context) -> nn.Module:
         batches = []
+        log.info("INT8 calibration on %d training batches (%s)", self.calibration_batches, self.activation_observer)
         for i, (x, _) in enumerate(ctx.loader("train", shuffle=True)):
             if i >= self.calibration_batches:
                 break
