@@ -398,6 +398,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
     name = tracking.run_name(cell(cfg)) if progress.active() else None
     if name:
         progress.cell_started(name)
+    parent_run_id = parent_run_id or cfg.tracking.get("parent_run_id")
     with interrupt.signals():
         result = _run(cfg, parent_run_id)
     if name:
