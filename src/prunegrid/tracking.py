@@ -505,7 +505,9 @@ def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None
     example = np.ascontiguousarray(example, dtype=np.float32)
     code = [str(Path(prunegrid.__file__).parent)]
     try:
-        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+        run = client.get_run(run_id)
+        before = {out.model_id for out in run.outputs.model_outputs}
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -526,6 +528,9 @@ def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None
                 if onnx_path is None or not Path(onnx_path).is_file():
                     raise
                 why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                for out in client.get_run(run_id).outputs.model_outputs:  # the failed PyTorch attempt
+                    if out.model_id not in before:
+                        client.delete_logged_model(out.model_id)
                 import onnx
                 import onnxruntime as ort
 
@@ -535,6 +540,7 @@ def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None
 
                 info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=ARTIFACT_MODEL_DIR, run_id=run_id,
                                              signature=infer_signature(example, out), input_example=example,
+                                             onnx_execution_providers=["CPUExecutionProvider"],
                                              pip_requirements=["onnxruntime", "onnx"])
                 return info.model_uri, "onnx", why
     finally:
