@@ -41,6 +41,8 @@ def tiny(tmp_path: Path, *extra: str) -> list[str]:
         "measure.repeats=3",
         "measure.batch_size=4",
         "measure.memory=false",  # the fresh-process probe costs seconds; tests that read memory turn it on
+        "tracking.log_model=false",  # the MLflow model costs a second; tests of the MLflow side turn it on
+        "tracking.system_metrics=false",
         *extra,
     ]
 

@@ -138,6 +138,7 @@ VALUE_RULES: dict[str, tuple[str, float, bool]] = {
     "measure.repeats": ("int", 1, False),
     "explain.n_images": ("int", 1, False),
     "explain.min_map": ("int", 1, False),
+    "tracking.system_metrics_interval_s": ("positive", 0, False),
 }
 TEXT = {"int": "an integer >= {low:g}", "number": "a number >= {low:g}", "positive": "a number > 0"}
 

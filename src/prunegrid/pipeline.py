@@ -459,7 +459,8 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         with sysm.paused():
             metrics.update(measure_model(net, baseline_net, model_path, method=c.method, input_size=c.input_size,
                                          mcfg=cfg.measure, tr=tr))
-        _log_mlflow_model(c, tr, net)
+        if cfg.tracking.get("log_model", True):
+            _log_mlflow_model(c, tr, net)
         metrics.update(fit_metrics(c.fits, c.budget))
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)

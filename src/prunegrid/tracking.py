@@ -430,17 +430,16 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, digest: str, sourc
     its digest (the DVC md5 of the data version) and, as tags of this run's input, the split sizes
     and class count. MLflow stores one dataset per name and digest in an experiment, so sizes that
     differ between runs (``dataset.subset``) go on the input, not in the dataset's profile."""
+    import warnings
+
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    try:
-        src = resolve_dataset_source(str(Path(source).resolve()))
-    except Exception:  # a source MLflow cannot resolve: its name only
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-
-        src = HTTPDatasetSource(f"file://{source}")
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": all of them local files
+        warnings.simplefilter("ignore")
+        src = resolve_dataset_source(str(Path(source).expanduser().resolve()))
     ds = MetaDataset(src, name=name, digest=str(digest)[:36])
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, "train"), InputTag("classes", str(classes)),
             *(InputTag(f"{k}_images", str(v)) for k, v in sizes.items())]

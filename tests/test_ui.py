@@ -1,0 +1,196 @@
+"""The MLflow UI as its users browse it, in a real headless Chromium driven by Playwright.
+
+Two tiny cells (a baseline and a method) are trained into a fresh store, the report turns them
+into a tiny grid (a parent run, registered models), ``python -m prunegrid.ui`` serves the store,
+and the browser checks the runs table, the run page and the grid's nesting. Screenshots go to
+``reports/ui/``. Chromium comes from Debian (``apt-get install chromium``, done by
+``scripts/test.sh``); Playwright drives it through ``executable_path`` (its own browser download
+needs the internet). Without Chromium the browser tests skip, unless ``PRUNEGRID_REQUIRE_BROWSER``
+is set (``scripts/test.sh`` sets it), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from prunegrid import tracking
+from prunegrid.config import compose
+from tests.conftest import ROOT, tiny
+
+SHOTS = ROOT / "reports" / "ui"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+METHOD = "l1_static"
+CELL = ["backbone=simple_cnn", "explain.enabled=false", "tracking.log_model=true", "tracking.system_metrics=true",
+        "tracking.system_metrics_interval_s=1"]
+
+
+def _browser_ready() -> str | None:
+    if not Path(CHROMIUM).is_file():
+        return "Chromium not installed (apt-get install chromium)"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright not installed (pip install -e '.[dev]')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with two tiny runs and the grid the report makes of them."""
+    from prunegrid.pipeline import run
+    from prunegrid.report import grid as report
+
+    tmp = tmp_path_factory.mktemp("ui")
+    runs = {p: run(compose(tiny(tmp, *CELL, f"prune={p}", "trainer.max_epochs=2", "trainer.limit_train_batches=3")))
+            for p in ("none", METHOD)}
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    report.build(uri, out=tmp / "reports", run_ids=[r.run_id for r in runs.values()], ui=None)
+    return {"uri": uri, "tmp": tmp, "runs": runs}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(store):
+    """``python -m prunegrid.ui`` on the store: its printed address of the experiment's runs table."""
+    why = _browser_ready()
+    if why:
+        if os.environ.get("PRUNEGRID_REQUIRE_BROWSER"):
+            pytest.fail(why)
+        pytest.skip(why)
+    proc = subprocess.Popen([sys.executable, "-m", "prunegrid.ui", "--tracking-uri", store["uri"], "--port",
+                             str(_free_port()), "--no-browser"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        for line in proc.stdout:
+            if line.startswith("prunegrid: MLflow UI"):
+                break
+        url = re.search(r"http://\S+", line)
+        assert url, f"prunegrid.ui printed no address (exit {proc.poll()})"
+        yield url.group(0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def page(ui):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        pg = browser.new_page(viewport={"width": 1500, "height": 900})
+        pg.set_default_timeout(60_000)
+        yield pg
+        browser.close()
+
+
+def _run_names(store) -> dict[str, str]:
+    client = MlflowClient(store["uri"])
+    return {p: client.get_run(r.run_id).info.run_name for p, r in store["runs"].items()}
+
+
+def _parent(store):
+    client = MlflowClient(store["uri"])
+    exp = client.get_run(store["runs"]["none"].run_id).info.experiment_id
+    parents = client.search_runs([exp], filter_string=f"tags.`{tracking.TAG_RUN_KIND}` = 'grid'")
+    assert len(parents) == 1, "the report makes one parent run for the grid"
+    return parents[0]
+
+
+def test_runs_table_lists_runs_with_dataset_source_and_model(store, ui, page):
+    names = _run_names(store)
+    page.goto(ui)
+    parent = _parent(store)
+    page.get_by_text(parent.info.run_name).wait_for()
+    assert "workflowType=machine_learning" in page.url and "/runs" in page.url  # the training-runs view
+    page.locator("[role=row]", has_text=parent.info.run_name).locator("button").first.click()  # expand the grid
+    for name in names.values():
+        page.get_by_text(name, exact=True).wait_for()
+    for column in ("Dataset", "Source", "Models"):
+        assert page.get_by_role("columnheader", name=column).count() == 1, column
+    table = page.locator("[role=grid]").first.inner_text()
+    assert table.count("fashion_mnist (") >= 2, "each cell's row shows its data set and digest"
+    digest = MlflowClient(store["uri"]).get_run(store["runs"]["none"].run_id).inputs.dataset_inputs[0].dataset.digest
+    assert digest[:12] in table
+    page.screenshot(path=str(SHOTS / "experiment_runs.png"))
+
+
+def test_run_page_shows_dataset_model_and_system_metrics(store, ui, page):
+    run_id = store["runs"][METHOD].run_id
+    client = MlflowClient(store["uri"])
+    run = client.get_run(run_id)
+    page.goto(ui.replace("/runs?", f"/runs/{run_id}?"))
+    page.get_by_text("Logged models (1)").wait_for()
+    assert page.get_by_text("Datasets", exact=True).count() >= 1
+    model_id = run.data.tags[tracking.TAG_MODEL_URI].removeprefix("models:/")
+    assert client.get_logged_model(model_id).source_run_id == run_id
+    page.screenshot(path=str(SHOTS / "run_overview.png"), full_page=True)
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), "system metrics were sampled"
+    page.get_by_role("tab", name="System metrics").click()
+    page.get_by_text(re.compile("cpu_utilization")).first.wait_for()
+    page.screenshot(path=str(SHOTS / "run_system_metrics.png"))
+
+
+def test_grid_parent_run_lists_its_children(store, ui, page):
+    parent = _parent(store)
+    client = MlflowClient(store["uri"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_id for r in children) == sorted(r.run_id for r in store["runs"].values())
+    page.goto(ui.replace("/runs?", f"/runs/{parent.info.run_id}?"))
+    page.get_by_text(parent.info.run_name).first.wait_for()
+    page.goto(ui)
+    page.get_by_text(parent.info.run_name).wait_for()
+    page.locator("[role=row]", has_text=parent.info.run_name).locator("button").first.click()
+    rows = page.locator("[role=row]")
+    for name in _run_names(store).values():
+        page.get_by_text(name, exact=True).wait_for()
+    assert rows.count() >= 4  # header, parent, two children
+    page.screenshot(path=str(SHOTS / "grid_parent.png"))
+
+
+def test_registered_best_model_predicts_through_pyfunc(store):
+    """``models:/<name>@best-<method>`` loads with ``mlflow.pyfunc`` and predicts what the run's own
+    saved model predicts on real validation images."""
+    from prunegrid import measure
+
+    client = MlflowClient(store["uri"])
+    run = client.get_run(store["runs"][METHOD].run_id)
+    experiment = client.get_experiment(run.info.experiment_id).name
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store["uri"])
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/prunegrid-{experiment}@best-{METHOD}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    from prunegrid.config import build
+
+    cfg = compose(tiny(store["tmp"], *CELL))
+    data = build(cfg.dataset, seed=cfg.seed)
+    data.setup()
+    images, _ = next(iter(data.loader("val", shuffle=False, batch_size=8)))
+    out = np.asarray(model.predict(images.numpy()))
+    assert out.shape == (8, data.num_classes)
+    saved = measure.load_model(Path(client.download_artifacts(run.info.run_id, "model/model.pt", str(store["tmp"]))))
+    with torch.no_grad():
+        expected = saved.eval()(images).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
