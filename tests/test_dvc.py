@@ -171,3 +171,48 @@ def test_bad_grid_cli_exit(tmp_path):
     res = subprocess.run([sys.executable, "-m", "prunegrid.grid", "grid.prunes=[nope]", "--output",
                           str(tmp_path / "p.yaml")], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "unknown prune 'nope'" in res.stderr
+
+
+def test_dvc_plots_show_renders_every_declared_plot(tmp_path):
+    """The project's dvc.yaml on a tiny report (hand-made MLflow runs): ``dvc plots show --json`` renders the
+    grid stage's PNGs (the curves folder's included) and every top-level CSV plot with DVC's templates."""
+    from mlflow.tracking import MlflowClient
+
+    from prunegrid.report import grid as report
+    from tests.test_report import log_epochs, log_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("plots")
+    for seed in (1, 2):
+        for prune, acc, params in (("none", 0.90, 1000), ("channel", 0.85, 400)):
+            log_epochs(client, log_run(client, exp, prune, seed=seed, test__acc=acc, model__params_nonzero=params))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    report.build(uri, ["plots"], repo / "reports", mlflow_write=False)
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump({"grid": {  # what dvc.yaml's templating reads (write_params: ~10 s)
+        "backbones": ["resnet18"], "datasets": ["fashion_mnist"], "losses": ["cross_entropy"], "seeds": [1, 2],
+        "overrides": "", "pretrain": {"overrides": ""}, "baseline": "none",
+        "methods": {"from_baseline": ["channel"], "scratch": []}, "references": [{"prune": "none_ft1", "finetune": 1}]}}))
+    sh(repo, "git", "init", "-q")
+    sh(repo, sys.executable, "-m", "dvc", "init", "-q")
+
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    top = [next(iter(p)) if isinstance(p, dict) else p for p in declared["plots"]]
+    images = [next(iter(p)) if isinstance(p, dict) else p for p in declared["stages"]["grid"]["plots"]]
+    assert "reports/curves.csv" in top and len(top) >= 2 and "reports/acc_vs_latency.png" in images
+    res = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json", "-o", str(tmp_path / "html")],
+                         cwd=repo, env=_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shown = json.loads(res.stdout)
+    assert not shown.get("errors"), shown["errors"]
+    for plot_id in top:
+        (plot,) = shown["data"][plot_id]
+        assert plot["type"] == "vega" and plot["content"]["data"]["values"], plot_id
+    for path in images:
+        rendered = [k for k in shown["data"] if k == path or k.startswith(path + "/")]
+        assert rendered, f"{path} not rendered: {sorted(shown['data'])}"
+        for k in rendered:
+            assert shown["data"][k][0]["type"] == "image" and Path(shown["data"][k][0]["url"]).is_file()
+    assert "reports/curves/curves_resnet18.png" in shown["data"]

@@ -7,6 +7,7 @@ import time
 
 import pandas as pd
 import pytest
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from prunegrid import tracking
@@ -27,8 +28,8 @@ def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet1
                "model/flops": 5000, "model/size_mb": 4.0, "time/train_s": 100, "time/epoch_s": 10,
                "time/infer_ms": 2.0, "memory/infer_peak_mb": 300, "memory/train_peak_mb": 900}
     metrics.update({k.replace("__", "/"): v for k, v in m.items()})
-    for k, v in metrics.items():
-        client.log_metric(run.info.run_id, k, v)
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     client.set_terminated(run.info.run_id, status)
     time.sleep(0.01)
     return run.info.run_id
@@ -219,3 +220,160 @@ def test_speedups_show_their_spread_and_marks_within_one_runtime(store, tmp_path
 
 def exp_name(client, exp_id):
     return client.get_experiment(exp_id).name
+
+
+# -- what the report writes back to MLflow, and its figures ----------------------------------------
+def log_epochs(client, run_id, epochs=3, acc=0.8):
+    """Per-epoch metrics (step = epoch), as the pipeline logs them."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, v, now, ep) for ep in range(epochs) for key, v in (
+        ("train/loss", 1.0 - 0.2 * ep), ("val/loss", 1.1 - 0.2 * ep), ("val/acc", acc - 0.05 * (epochs - 1 - ep)))])
+
+
+def test_grid_parent_run_nests_the_cells_and_holds_the_figures(store, tmp_path):
+    """One FINISHED grid parent run per experiment, every selected cell nested under it, the report's
+    files as its artifacts; parent runs (grid and sweep) are never rows, also on a second report."""
+    uri, client, exp = store
+    cells = [log_run(client, exp, prune, seed=seed, **{"test__acc": 0.9 - 0.05 * i})
+             for seed in (1, 2) for i, prune in enumerate(("none", "channel"))]
+    for rid in cells:
+        log_epochs(client, rid)
+    # a sweep's parent run that even carries every cell tag and metric, started last: never a cell
+    sweep = log_run(client, exp, "channel", seed=1, **{"test__acc": 0.99})
+    client.set_tag(sweep, tracking.TAG_RUN_KIND, "sweep")
+    name = exp_name(client, exp)
+
+    table = g.build(uri, [name], tmp_path / "rep", ui=None)
+    assert set(table["run_id"]) == set(cells) and sweep not in set(table["run_id"])
+    parents = client.search_runs([exp], f"tags.`{tracking.TAG_RUN_KIND}` = 'grid'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("grid-")
+    for rid in cells:
+        assert client.get_run(rid).data.tags[tracking.TAG_PARENT_RUN] == parent.info.run_id
+    assert tracking.TAG_PARENT_RUN not in client.get_run(sweep).data.tags
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"grid.md", "grid.csv", "curves.csv", "acc_vs_params.png", "acc_vs_latency.png", "relative.png",
+            "curves_resnet18.png"} <= logged
+    assert parent.info.run_id in (tmp_path / "rep" / "grid.md").read_text()
+
+    curves = pd.read_csv(tmp_path / "rep" / "curves.csv")
+    assert {"cell", "prune", "seed", "epoch", "val/acc", "train/loss"} <= set(curves.columns)
+    assert len(curves) == 4 * 3 and sorted(curves["epoch"].unique()) == [0, 1, 2]
+    assert (tmp_path / "rep" / "curves" / "curves_resnet18.png").stat().st_size > 1000
+
+    again = g.build(uri, [name], tmp_path / "rep2", ui=None)     # the first grid run is no cell either
+    assert set(again["run_id"]) == set(cells)
+    runs = tracking.load_cell_runs(uri, [name])
+    assert parent.info.run_id not in set(runs["run_id"]) and sweep not in set(runs["run_id"])
+    newest = [p for p in client.search_runs([exp], f"tags.`{tracking.TAG_RUN_KIND}` = 'grid'")
+              if p.info.run_id != parent.info.run_id]
+    assert len(newest) == 1
+    assert {client.get_run(r).data.tags[tracking.TAG_PARENT_RUN] for r in cells} == {newest[0].info.run_id}
+
+
+def _dominated(i, pts):
+    xi, yi = pts[i]
+    return any(xj <= xi and yj >= yi and (xj, yj) != (xi, yi) for j, (xj, yj) in enumerate(pts) if j != i)
+
+
+def test_pareto_front_drawn_is_exactly_the_non_dominated_cells(store, tmp_path):
+    """Brute force over the cells' (cost, accuracy) means: the front line holds exactly the cells no other
+    cell dominates, in both trade-off figures and in grid.csv's pareto_* columns."""
+    import numpy as np
+
+    from prunegrid.report import figures
+
+    uri, client, exp = store
+    cells = {  # prune: (non-zero params, latency ms, test acc): ties and dominated points included
+        "none": (1000, 4.0, 0.90), "none_ft1": (1000, 4.0, 0.91), "channel": (400, 2.0, 0.85),
+        "slimming": (400, 2.5, 0.80), "l1_static": (600, 4.0, 0.91), "l1_dynamic": (600, 1.0, 0.70),
+        "layer_importance": (200, 3.0, 0.60), "quant_int8": (1000, 1.0, 0.90)}
+    for seed in (1, 2):
+        for prune, (params, ms, acc) in cells.items():
+            log_run(client, exp, prune, seed=seed, **{"model__params_nonzero": params, "time__infer_ms": ms,
+                                                     "test__acc": acc + (0.01 if seed == 1 else -0.01)})
+    g.build(uri, [exp_name(client, exp)], tmp_path / "rep", mlflow_write=False)
+    means = pd.read_csv(tmp_path / "rep" / "grid.csv")
+    for x, col in (("params_nonzero", "pareto_params"), ("infer_ms", "pareto_latency")):
+        pts = [(float(a), float(b)) for a, b in zip(means[x], means["acc"])]
+        expected = {p for i, p in enumerate(pts) if not _dominated(i, pts)}
+        fig = figures.tradeoff_figure(means, x, x)
+        assert figures.front_points(fig) == expected
+        assert {p for p, on in zip(pts, means[col]) if on} == expected
+        figures.close(fig)
+    assert set(means.loc[means["pareto_latency"], "prune"]) == {"none_ft1", "l1_static", "quant_int8"}
+    assert set(means.loc[means["pareto_params"], "prune"]) == {"layer_importance", "channel", "l1_static"}
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        x, y = rng.integers(0, 6, 12).astype(float), rng.integers(0, 6, 12).astype(float)
+        x[rng.integers(0, 12)] = np.nan
+        valid = [i for i in range(12) if np.isfinite(x[i])]
+        pts = [(x[i], y[i]) for i in valid]
+        expected = [False] * 12
+        for k, i in enumerate(valid):
+            expected[i] = not _dominated(k, pts)
+        assert [bool(v) for v in figures.pareto_mask(x, y)] == expected
+
+
+def model_run(uri, exp, prune, seed, val, test, with_model=True):
+    """A cell run with an MLflow model (a tiny torch.nn.Linear logged in the run) and its model_uri tag."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    client = MlflowClient(uri)
+    tags = {"backbone": "resnet18", "prune": prune, "dataset": "fashion_mnist", "loss": "cross_entropy",
+            "seed": str(seed)}
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=exp, run_name=tracking.run_name(tags), tags=tags) as run:
+            rid = run.info.run_id
+            if with_model:
+                info = mlflow.pytorch.log_model(torch.nn.Linear(4, 2), name="model", pip_requirements=["torch"],
+                                                input_example=np.zeros((1, 4), np.float32))
+                client.set_tag(rid, tracking.TAG_MODEL_URI, info.model_uri)
+            for k, v in {"test/acc": test, "val/final_acc": val, "model/params_nonzero": 1000, "time/infer_ms": 2.0,
+                         "model/params": 1000, "model/flops": 10}.items():
+                client.log_metric(rid, k, v)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return rid
+
+
+def test_registry_alias_is_the_best_validation_run_not_the_best_test_run(store, tmp_path, capsys):
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+
+    uri, client, exp = store
+    best = {}
+    for prune, vals in {"none": ((0.80, 0.95), (0.85, 0.70)), "channel": ((0.75, 0.60), (0.70, 0.90))}.items():
+        runs = [model_run(uri, exp, prune, seed, val, test) for seed, (val, test) in enumerate(vals, 1)]
+        best[prune] = runs[int(np.argmax([v for v, _ in vals]))]    # test/acc would pick the other run
+    model_run(uri, exp, "l1_static", 1, 0.9, 0.9, with_model=False)   # no model logged: skipped, said so
+    name = exp_name(client, exp)
+    g.build(uri, [name], tmp_path / "rep", ui=None)
+    out = capsys.readouterr().out
+    registered = f"prunegrid-{name}"
+    for prune, rid in best.items():
+        assert client.get_model_version_by_alias(registered, f"best-{prune}").run_id == rid
+    assert "l1_static: not registered" in out and tracking.TAG_MODEL_URI in out
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias(registered, "best-l1_static")
+    md = (tmp_path / "rep" / "grid.md").read_text()
+    assert "## Registered models" in md and f"| {registered} | best-channel | " in md
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{registered}@best-channel")   # as the README says
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert model.predict(np.zeros((1, 4), np.float32)).shape == (1, 2)
+
+    g.build(uri, [name], tmp_path / "rep2", ui=None)                  # same best models: no new versions
+    assert len(client.search_model_versions(f"name = '{registered}'")) == 2
+    assert "unchanged" in capsys.readouterr().out

@@ -544,3 +544,51 @@ def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None
                 return info.model_uri, "onnx", why
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+# -- the grid report's side: cells without their parent runs, parents that group them ---------------
+TAG_PARENT_RUN = "mlflow.parentRunId"   # MLflow's own nesting tag (the UI nests runs by it)
+PARENT_KINDS = ("grid", "sweep")        # TAG_RUN_KIND of runs that group others: never grid cells
+CELL_RUN_COLUMNS = {"kind": TAG_RUN_KIND, "model_uri": TAG_MODEL_URI, "parent_run_id": TAG_PARENT_RUN}
+
+
+def load_cell_runs(uri: str | None = None, experiments: list[str] | None = None):
+    """:func:`load_runs` (FINISHED runs) without the runs that group others (tag ``prunegrid.kind`` =
+    ``grid`` or ``sweep``), with the columns ``kind``, ``model_uri`` and ``parent_run_id`` (tags; ""
+    when absent) added: what the grid report reads."""
+    import pandas as pd
+
+    df = search_runs(uri, experiment_names=experiments, search_all_experiments=experiments is None,
+                     filter_string="attributes.status = 'FINISHED'")
+    if df.empty:
+        return pd.DataFrame()
+    extra = {col: (df[f"tags.{tag}"].fillna("") if f"tags.{tag}" in df else pd.Series("", index=df.index))
+             for col, tag in CELL_RUN_COLUMNS.items()}
+    keep = ~extra["kind"].isin(PARENT_KINDS)
+    df = df[keep]
+    if df.empty:
+        return pd.DataFrame()
+    out = df[["run_id", "status", "experiment_id", "start_time"]].copy()
+    out["run_name"] = df.get("tags.mlflow.runName", "")
+    for t in (*TAGS, "ref_prune"):
+        out[t] = df[f"tags.{t}"].fillna("") if f"tags.{t}" in df else ""
+    for col, values in extra.items():
+        out[col] = values[keep]
+    metrics = df[[c for c in df.columns if c.startswith("metrics.")]]
+    return pd.concat([out, metrics.rename(columns=lambda c: c.removeprefix("metrics."))], axis=1)
+
+
+def metric_histories(uri: str | None, run_ids: list[str], keys: tuple[str, ...] = EPOCH_METRICS):
+    """Every step of ``keys`` of each run (``MlflowClient.get_metric_history``), one row per run and
+    step: ``run_id``, ``epoch`` (the step: epochs are logged with step = epoch) and one column per key."""
+    import pandas as pd
+
+    client = MlflowClient(resolve_uri(uri))
+    by_step: dict[tuple[str, int], dict[str, float]] = {}
+    for run_id in run_ids:
+        for key in keys:
+            for m in client.get_metric_history(run_id, key):
+                by_step.setdefault((run_id, int(m.step)), {})[key] = float(m.value)
+    rows = [{"run_id": r, "epoch": s, **v} for (r, s), v in by_step.items()]
+    return pd.DataFrame(rows, columns=["run_id", "epoch", *keys]).sort_values(["run_id", "epoch"],
+                                                                              ignore_index=True)

@@ -2,6 +2,11 @@
 
     python -m prunegrid.report [--tracking-uri URI] [--experiment NAME ...] [--out reports]
                                [--runs-from metrics] [--params params.yaml] [--ui http://127.0.0.1:5000]
+                               [--no-mlflow]
+
+Besides the files, the report nests the selected runs under a grid parent run per experiment (the
+files are its artifacts) and registers each method's best model by ``val/final_acc`` as
+``prunegrid-<experiment>@best-<prune>``; ``--no-mlflow`` only reads.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs-from", default=None, help="only the run ids in this folder's per-cell metrics JSON (dvc.yaml)")
     p.add_argument("--params", default=None, help="only the cells of this params.yaml's `grid` section")
     p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI address for the run links ('' for bare ids)")
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="only read MLflow: no grid parent run, no nesting, no registered models")
     args = p.parse_args(argv)
     with guard():
         import yaml
@@ -34,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
             grid = (yaml.safe_load(Path(args.params).read_text()) or {}).get("grid")
             if not grid:
                 raise g.ReportError(f"{args.params} has no `grid` section; write it with `python -m prunegrid.grid`")
-        table = g.build(args.tracking_uri, args.experiment, args.out, ids, grid, args.ui or None)
+        table = g.build(args.tracking_uri, args.experiment, args.out, ids, grid, args.ui or None,
+                        mlflow_write=not args.no_mlflow)
     print(g.console(g.seed_means(table)))
-    print(f"\nprunegrid: {len(table)} runs -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, plots)")
+    print(f"\nprunegrid: {len(table)} runs -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, curves.csv, plots)")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import pandas as pd
 from prunegrid import tracking
 from prunegrid.budget import BASELINE, TAG_REF_PRUNE, is_baseline_family
 from prunegrid.errors import ConfigError
+from prunegrid.report import figures, publish
 
 KEYS = list(tracking.CELL_TAGS)
 GROUP_KEYS = KEYS[:4]
@@ -51,8 +52,11 @@ RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "acc_
 OPTIONAL = list(tracking.GRID_OPTIONAL_METRICS)
 SPEEDUPS = list(tracking.GRID_SPEEDUPS)  # infer_speedup, infer_speedup_mt, ..., infer_speedup_onnx_batch
 QUARTILES = ("_q25", "_q75")
-FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "acc_vs_params.png", "acc_vs_latency.png",
-         "relative.png")
+FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "curves.csv", "acc_vs_params.png",
+         "acc_vs_latency.png", "relative.png")
+CURVES_DIR = "curves"  # curves/curves_<backbone>.png: one folder, so dvc.yaml declares them whatever the backbones
+TRADEOFFS = (("params_nonzero", "acc_vs_params.png", "non-zero parameters", True),
+             ("infer_ms", "acc_vs_latency.png", "latency, batch 1, eager PyTorch (ms)", False))
 NOISE, NOT_FASTER, SLOWER, CAP, UNEQUAL = ("within noise", "not measurably faster", "measurably slower",
                                           "hit the epoch cap", "unequal budget")
 
@@ -67,9 +71,12 @@ def _ratio(num: pd.Series, den: pd.Series) -> pd.Series:
 
 
 def latest_per_cell(runs: pd.DataFrame) -> pd.DataFrame:
-    """The latest FINISHED run of each cell (runs without the cell tags are ignored)."""
+    """The latest FINISHED run of each cell (runs without the cell tags, and runs that group others,
+    tag ``prunegrid.kind`` = ``grid`` or ``sweep``, are ignored)."""
     if runs.empty:
         return runs
+    if "kind" in runs:
+        runs = runs[~runs["kind"].isin(tracking.PARENT_KINDS)]
     runs = runs[runs.get("status", "FINISHED") == "FINISHED"]
     runs = runs[[all(str(v) for v in row) for row in runs[KEYS].itertuples(index=False)]] if len(runs) else runs
     runs = runs.sort_values("start_time").drop_duplicates(KEYS, keep="last")
@@ -263,6 +270,10 @@ def notes(r: pd.Series) -> list[str]:
             mark = speed_mark(r, col)
             if mark:
                 out.append(f"{mark} ({_deployment(col)})")
+    front = [what for col, what in (("pareto_params", "params"), ("pareto_latency", "latency"))
+             if isinstance(r.get(col), (bool, np.bool_)) and r.get(col)]
+    if front:
+        out.append(f"Pareto front ({', '.join(front)})")
     if np.isfinite(r.get("converged", np.nan)) and r["converged"] < 1:
         out.append(f"{CAP} ({int(round((1 - r['converged']) * n))}/{n} seeds)")
     return out
@@ -305,7 +316,8 @@ def speedup_table(means: pd.DataFrame) -> list[str]:
     return lines
 
 
-def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None) -> str:
+def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None, extra: list[str] = ()) -> str:
+    """The summary, the speed-ups, ``extra`` lines (the MLflow sections), then every seed's row."""
     cols = [c for c in SUMMARY if c in means.columns]
     lines = ["# Comparison grid", "",
              "Mean ± std over seeds, one row per cell. `acc_delta_pt` compares with the equal-budget reference "
@@ -317,12 +329,14 @@ def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None) -> 
              "range. `infer_peak_mb` is the memory the model adds when loaded and run in a fresh process. Differences "
              f"inside their spread are marked \"{NOISE}\", speed-ups whose interval includes 1.0 \"{NOT_FASTER}\", "
              f"below 1.0 \"{SLOWER}\"; `converged` is the share of seeds whose baseline training was ended by early "
-             "stopping (the rest hit the epoch cap). See `prunegrid.report.grid`.", "",
+             "stopping (the rest hit the epoch cap); \"Pareto front\" marks the cells no other cell beats on both "
+             "accuracy and non-zero parameters (params) or latency (`infer_ms`). See `prunegrid.report.grid`.", "",
              "| " + " | ".join(GROUP_KEYS + cols + ["notes"]) + " |", "|" + "---|" * (len(GROUP_KEYS) + len(cols) + 1)]
     for _, r in means.iterrows():
         vals = [_summary_value(r, c) for c in cols]
         lines.append("| " + " | ".join([str(r[k]) for k in GROUP_KEYS] + vals + ["; ".join(notes(r))]) + " |")
     lines += speedup_table(means)
+    lines += list(extra)
     per = [c for c in grid.columns if c != "experiment_id"]
     lines += ["", "## Per seed", "", "| " + " | ".join(per) + " |", "|" + "---|" * len(per)]
     for _, r in grid.iterrows():
@@ -332,45 +346,36 @@ def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None) -> 
 
 
 def _label(r: pd.Series, table: pd.DataFrame) -> str:
-    parts = [r["prune"]]
-    for k in ("backbone", "dataset", "loss"):
-        if table[k].nunique() > 1:
-            parts.append(str(r[k]))
-    return "/".join(parts)
+    return figures.label(r, table)
 
 
 def _std(means: pd.DataFrame, col: str) -> np.ndarray:
     return means[f"{col}_std"].fillna(0.0).to_numpy() if f"{col}_std" in means else np.zeros(len(means))
 
 
+def mark_fronts(means: pd.DataFrame) -> pd.DataFrame:
+    """``pareto_params`` / ``pareto_latency``: the cell is on the Pareto front of accuracy against non-zero
+    parameters / latency among the cells of its dataset and loss (costs must be positive)."""
+    means = means.copy()
+    for (x, *_), col in zip(TRADEOFFS, ("pareto_params", "pareto_latency")):
+        means[col] = False
+        for _, g in means.groupby(["dataset", "loss"], sort=False):
+            cost = pd.to_numeric(g[x], errors="coerce")
+            means.loc[g.index, col] = figures.pareto_mask(cost.where(cost > 0), g["acc"])
+    return means
+
+
 def plots(means: pd.DataFrame, out: Path) -> list[Path]:
-    """Accuracy vs non-zero params and vs latency (one point per cell, error bars over seeds);
-    bars of the relative columns with their spread."""
+    """The trade-offs (accuracy vs non-zero params and vs latency: one point per cell, error bars over
+    seeds, the Pareto front as a line) and bars of the relative columns with their spread."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths = [figures.save(figures.tradeoff_figure(means, x, xlabel, log=log), out / name)
+             for x, name, xlabel, log in TRADEOFFS]
     labels = [_label(r, means) for _, r in means.iterrows()]
-    for x, name, xlabel in (("params_nonzero", "acc_vs_params.png", "non-zero parameters"),
-                            ("infer_ms", "acc_vs_latency.png", "latency, batch 1 (ms)")):
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for prune, g in means.groupby("prune", sort=False):
-            ax.errorbar(g[x], g["acc"], xerr=_std(g, x), yerr=_std(g, "acc"), fmt="o", capsize=3, label=prune)
-        for lab, xv, yv in zip(labels, means[x], means["acc"]):
-            if np.isfinite(xv) and np.isfinite(yv):
-                ax.annotate(lab, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if x == "params_nonzero" and (means[x] > 0).all():
-            ax.set_xscale("log")
-        ax.set(xlabel=xlabel, ylabel="test accuracy (mean ± std over seeds)", title=f"Accuracy vs {xlabel}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=90)
-        plt.close(fig)
-        paths.append(out / name)
-
     fig, axes = plt.subplots(1, len(RELATIVE), figsize=(3.2 * len(RELATIVE), 4), sharey=False)
     for ax, col in zip(axes, RELATIVE):
         vals = means[col].fillna(0.0)
@@ -388,6 +393,8 @@ def plots(means: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def _json_value(v):
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
     if isinstance(v, (np.floating, float)):
         return None if np.isnan(v) else float(v)
     if isinstance(v, np.integer):
@@ -415,12 +422,42 @@ def console(means: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
+def mlflow_markdown(parents: dict[str, str], experiments: dict[str, str], regs: list, ui: str | None) -> list[str]:
+    """The grid parent run(s) and the registered models, for ``grid.md``."""
+    lines = []
+    if parents:
+        lines += ["", "## Grid run in MLflow", "",
+                  "Every cell run of this grid is nested under its experiment's grid run (tag `prunegrid.kind=grid`), "
+                  "which holds this report's tables and figures as artifacts:", ""]
+        lines += [f"- {experiments[e]}: {_link(r, e, ui)}" for e, r in parents.items()]
+    return lines + publish.registry_markdown(regs)
+
+
+def write_curves(uri: str, table: pd.DataFrame, out: Path) -> list[Path]:
+    """``curves.csv`` (every epoch metric of every selected run, by cell and seed) and
+    ``curves/curves_<backbone>.png`` (one figure per backbone, one line per cell)."""
+    history = tracking.metric_histories(uri, list(table["run_id"]))
+    curves = figures.curves_table(history, table)
+    curves.to_csv(out / "curves.csv", index=False)
+    folder = out / CURVES_DIR
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("curves_*.png"):
+        old.unlink()
+    paths = [out / "curves.csv"]
+    for backbone in dict.fromkeys(curves["backbone"]):
+        paths.append(figures.save(figures.curves_figure(curves, backbone), folder / f"curves_{backbone}.png"))
+    return paths
+
+
 def build(uri: str | None = None, experiments: list[str] | None = None, out: str | Path = "reports",
-          run_ids: Iterable[str] | None = None, grid: dict | None = None, ui: str | None = None) -> pd.DataFrame:
-    """Read the runs, write ``grid.csv`` (seed means), ``grid_seeds.csv``, ``grid.md``, ``grid.json``
-    and the plots under ``out``; return the per-seed rows."""
+          run_ids: Iterable[str] | None = None, grid: dict | None = None, ui: str | None = None,
+          mlflow_write: bool = True, log=print) -> pd.DataFrame:
+    """Read the runs, write ``grid.csv`` (seed means), ``grid_seeds.csv``, ``grid.md``, ``grid.json``,
+    ``curves.csv`` and the figures under ``out``; return the per-seed rows. With ``mlflow_write``, also
+    nest the selected runs under a grid parent run per experiment (which gets the files as artifacts)
+    and register each method's best model (:mod:`prunegrid.report.publish`)."""
     uri = tracking.resolve_uri(uri)
-    runs = tracking.load_runs(uri, experiments)
+    runs = tracking.load_cell_runs(uri, experiments)
     if runs.empty:
         where = f"experiments {', '.join(experiments)}" if experiments else "any experiment"
         raise ReportError(f"no FINISHED runs in {uri} ({where}); run the grid first (`dvc repro`) or pass --tracking-uri")
@@ -428,12 +465,28 @@ def build(uri: str | None = None, experiments: list[str] | None = None, out: str
     if runs.empty:
         raise ReportError(f"none of the selected runs is in {uri}; check --tracking-uri / --experiment")
     table = rows(runs)
-    means = seed_means(table)
+    means = mark_fronts(seed_means(table))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    means.to_csv(out / "grid.csv", index=False)
-    table.drop(columns=["experiment_id"]).to_csv(out / "grid_seeds.csv", index=False)
-    (out / "grid.md").write_text(markdown(table, means, ui))
-    (out / "grid.json").write_text(json.dumps(to_json(table.drop(columns=["experiment_id"]), means), indent=1))
-    plots(means, out)
+    cells = table[["run_id", "experiment_id", "prune"]].merge(
+        runs.drop(columns=["experiment_id", "prune"]), on="run_id", how="left")
+    client = tracking.open_client(uri) if mlflow_write else None
+    names = ({e: client.get_experiment(e).name for e in dict.fromkeys(table["experiment_id"])}
+             if mlflow_write else {})
+    parents = publish.start_parents(uri, names, grid) if mlflow_write else {}
+    status = "FAILED"
+    try:
+        if parents:
+            publish.nest(uri, parents, cells, log)
+        regs = publish.register_best(uri, cells, names, log) if mlflow_write else []
+        files = [out / n for n in FILES[:4]]
+        means.to_csv(out / "grid.csv", index=False)
+        table.drop(columns=["experiment_id"]).to_csv(out / "grid_seeds.csv", index=False)
+        (out / "grid.md").write_text(markdown(table, means, ui, mlflow_markdown(parents, names, regs, ui)))
+        (out / "grid.json").write_text(json.dumps(to_json(table.drop(columns=["experiment_id"]), means), indent=1))
+        files += write_curves(uri, table, out) + plots(means, out)
+        status = "FINISHED"
+    finally:
+        if parents:
+            publish.finish(uri, parents, files if status == "FINISHED" else [], status)
     return table
