@@ -84,7 +84,10 @@ def test_tiny_dvc_repro_one_row_per_cell(project):
         cell = f"resnet18-{p}-fashion_mnist-cross_entropy-s42"
         assert (project / "models" / f"{cell}.pt").is_file()
         assert json.loads((project / "metrics" / f"{cell}.json").read_text())["run_id"] in set(table["run_id"])
-    assert (project / "reports" / "grid.md").read_text().count("| resnet18 |") == 2 * len(prunes)
+    md = (project / "reports" / "grid.md").read_text()
+    summary, per_seed = md.split("## Speed-ups")[0], md.split("## Per seed")[1]
+    assert summary.count("| resnet18 |") == per_seed.count("| resnet18 |") == len(prunes)
+    assert "## Grid run in MLflow" in md and f"| prunegrid-fashion_mnist | best-{method} | " in md
 
     again = sh(project, *dvc, "repro")
     assert "Running stage" not in again
