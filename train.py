@@ -1,4 +1,8 @@
-"""Train, lighten, measure and track one cell: ``python train.py backbone=resnet50 prune=layer_importance``."""
+"""Train, lighten, measure and track one cell: ``python train.py backbone=resnet50 prune=layer_importance``.
+
+Returns the run's ``optimized_metric`` (a float, or a list of them), so ``python train.py -m sweep=l1``
+(or ``-m hydra/sweeper=optuna ...``) sweeps it with Optuna.
+"""
 
 import sys
 
@@ -9,11 +13,13 @@ from prunegrid.cli import guard, precheck
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float]:
     from prunegrid.pipeline import run
+    from prunegrid.sweep import objective_keys, objective_values
 
     with guard():
-        return float(run(cfg)["test/acc"])
+        keys = objective_keys(cfg.get("optimized_metric"))
+        return objective_values(run(cfg), keys)
 
 
 if __name__ == "__main__":

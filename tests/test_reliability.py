@@ -1,6 +1,6 @@
 """Reliability as a user meets it: class names in any script, interruptions and resume, concurrent
 writers, one-line mistakes with no run created, outputs before FINISHED, model files that cannot
-run code, broken images, and sweeps killed mid-trial."""
+run code, broken images, and sweeps (``train.py -m hydra/sweeper=optuna``) killed mid-trial."""
 
 from __future__ import annotations
 
@@ -282,41 +282,63 @@ def test_an_image_broken_after_the_check_is_named_from_a_dataloader_worker(trunc
 
 # -- sweeps -----------------------------------------------------------------------------------
 
-def test_a_sweep_killed_mid_trial_resumes_to_n_trials_with_one_parent_and_no_running_run(tmp_path):
-    args = ["sweep=l1", "sweep.n_trials=2", f"sweep.storage=sqlite:///{tmp_path}/optuna.db",
-            "sweep.study_name=killed", *_train_args(tmp_path, "trainer.max_epochs=2", "dataset.subset=640")]
-    proc = _popen([*args, "--out", str(tmp_path / "reports")], tmp_path, module="prunegrid.sweep")
+def _sweep_args(tmp_path: Path, study: str, n_trials: int, *extra: str, worker: int = 0) -> list[str]:
+    """``train.py -m hydra/sweeper=optuna ...`` on a study in ``tmp_path`` (cells as :func:`_train_args`,
+    without an MLflow model or system metrics); each worker has its own output folders."""
+    cell = [a for a in _train_args(tmp_path, *extra) if not a.startswith("paths.output_dir=")]
+    return ["-m", "hydra/sweeper=optuna", f"hydra.sweeper.n_trials={n_trials}", "prune=l1_static",
+            "prune.amount=interval(0.2,0.6)", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+            f"hydra.sweeper.study_name={study}", f"hydra.sweep.dir={tmp_path}/multirun{worker}",
+            f"paths.output_dir={tmp_path}/out{worker}", "tracking.log_model=false", "tracking.system_metrics=false",
+            *cell]
+
+
+@pytest.mark.slow  # two sweep processes with 2-epoch cells (about a minute); the sweeper's side: tests/test_sweep.py
+def test_a_sweep_killed_mid_trial_runs_it_again_from_its_checkpoints_under_the_same_parent(tmp_path):
+    import optuna
+
+    from prunegrid import sweep
+
+    args = _sweep_args(tmp_path, "killed", 2, "trainer.max_epochs=2", "dataset.subset=640")
+    proc = _popen(args, tmp_path)
     _wait_for("ckpt/*/fit0/last.ckpt", tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
-    done = subprocess.run(_cmd([*args, "--out", str(tmp_path / "reports")], "prunegrid.sweep"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900)
+    assert "trial 0 was interrupted" in err and "Traceback" not in err, err[-3000:]
+    args = _sweep_args(tmp_path, "killed", 1, "trainer.max_epochs=2", "dataset.subset=640")
+    done = subprocess.run(_cmd(args), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    import optuna
 
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path}/optuna.db")
-    states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") == 2 and "RUNNING" not in states
+    first, again = study.trials                                   # the re-run ran the interrupted trial first
+    assert first.state.name == "FAIL" and first.user_attrs[sweep.INTERRUPTED_ATTR] == "SIGTERM"
+    assert again.state.name == "COMPLETE" and again.user_attrs[sweep.RESUMES_ATTR] == 0
+    assert again.params == first.params
     _, runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert {r.info.status for r in children} == {"FINISHED"} and len(children) == 2
-    assert any(r.data.tags.get(tracking.TAG_RESUMES) == "1" for r in children), "the killed trial's run resumed"
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]   # one MLflow run: the killed one, resumed
+    assert len(parents) == 1 and child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert parents[0].data.tags[tracking.TAG_RUN_KIND] == "sweep" and parents[0].info.status == "FINISHED"
+    assert child.info.status == "FINISHED" and child.data.tags.get(tracking.TAG_RESUMES) == "1"
+    assert child.info.run_id == first.user_attrs[sweep.RUN_ATTR] == again.user_attrs[sweep.RUN_ATTR]
 
 
 def test_workers_started_together_make_one_parent_run(tmp_path):
+    """The election itself, in threads (the CLI version is the slow test below)."""
+    from omegaconf import OmegaConf
+
     from prunegrid import sweep
 
-    preset = sweep.load_preset("l1", [f"sweep.storage=sqlite:///{tmp_path}/optuna.db", "sweep.study_name=together"])
     cfg = compose([f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "prune=l1_static"])
+    sampler = OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 0})
     ids, errors = [], []
 
     def worker():
         try:
-            study, created = sweep.create_study(preset)
-            ids.append(sweep._parent_run(study, cfg, preset, created))
+            storage = sweep.open_storage(f"sqlite:///{tmp_path}/optuna.db")
+            study, created = sweep.create_study(storage, "together", ["maximize"], sampler, None)
+            ids.append(sweep._parent_run(study, cfg, created))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -327,3 +349,21 @@ def test_workers_started_together_make_one_parent_run(tmp_path):
         t.join()
     assert not errors and len(ids) == 4 and len(set(ids)) == 1
     assert len(_runs(f"sqlite:///{tmp_path}/mlflow.db")[1]) == 1
+
+
+@pytest.mark.slow  # four sweep processes at once (over a minute on 2 cores)
+def test_four_sweep_processes_on_one_study_share_one_parent_run(tmp_path):
+    import optuna
+
+    extra = ("trainer.max_epochs=1", "dataset.subset=64", "trainer.limit_train_batches=2",
+             "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+    procs = [_popen(_sweep_args(tmp_path, "together", 1, *extra, worker=i), tmp_path) for i in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="together", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    _, runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 5
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r is not parents[0]} == {parents[0].info.run_id}

@@ -1,55 +1,48 @@
-"""Optuna sweeps over one method's options: ``python -m prunegrid.sweep sweep=l1 [overrides...]``.
+"""The pieces of prunegrid's Optuna sweeps, and ``python -m prunegrid.sweep``, an alias of ``python train.py -m``.
 
-Optuna is driven directly (the Hydra Optuna sweeper plugin pins optuna<3); each trial's config
-is composed with :func:`prunegrid.config.compose` from the preset's ``overrides``, the
-command-line overrides and the sampled values, and run with :func:`prunegrid.pipeline.run`.
+Sweeps are Hydra multiruns: ``python train.py -m sweep=l1`` (a preset in ``conf/sweep/``) or
+``python train.py -m hydra/sweeper=optuna 'prune.amount=interval(0.2,0.6)' ...``. The sweeper is the
+project's Hydra plugin ``hydra_plugins.prunegrid_optuna_sweeper`` (Optuna >= 4; Hydra's own Optuna
+sweeper 1.3 pins optuna<3). It uses what this module defines:
 
-A preset is ``conf/sweep/<name>.yaml`` or a YAML path (see ``conf/sweep/l1.yaml``): study name, ``objectives``
-(metric keys of a run with ``maximize``/``minimize``; two or more make a multi-objective study;
-accuracy objectives read the validation split, ``val/final_acc``: a ``test/`` objective is
-refused, since the test split is read once per run, never to choose),
-``n_trials`` (the number of COMPLETE trials wanted), ``space`` (``float``/``int`` with
-``low``/``high``/``log``/``step``, or ``categorical`` with ``choices``), ``storage`` (any Optuna
-database URL, default ``sqlite:///optuna.db``), ``sampler`` and ``pruner`` (``_target_`` nodes).
-Any preset key can be overridden with ``sweep.<key>=...`` on the command line.
-
-- Persistence: the study lives in ``storage`` and is loaded if it exists, so a killed sweep
-  resumes with the trials still missing (COMPLETE trials are counted, never re-run), and
-  several processes started with the same command share the study. A trial whose process gets
-  SIGINT/SIGTERM ends FAIL (its MLflow run KILLED, its checkpoints kept); the next sweep started
-  on the study runs it again with the same values and ``resume=true``, so it continues that
-  MLflow run from its checkpoints. A trial left RUNNING by a process killed outright (SIGKILL)
-  is marked FAIL by Optuna's heartbeat and retried.
-- Single objective: trials are pruned through :class:`OptunaPruning`, a Lightning callback
-  that reports ``val/acc`` after each validation and raises ``optuna.TrialPruned``.
-- Multi-objective: the Pareto front (``study.best_trials``) is written as ``pareto.csv``,
-  ``pareto.md`` and ``pareto.png`` under ``reports/sweeps/<study>/``.
-- MLflow: one parent run per study (kept across resumes) with every trial's run nested under it.
-  Of several workers started together, the one whose ``create_study`` created the study creates
-  the parent run; the others wait for its id in the study's user attributes.
+- :func:`objective_keys`: ``optimized_metric`` (one key, or a list for a multi-objective study) must
+  be run metrics (:data:`OBJECTIVE_KEYS`), never ``test/*``: the test split is read once per run,
+  never to choose. ``train.py`` returns :func:`objective_values` of the run.
+- :func:`open_storage` / :func:`create_study`: any Optuna database URL, with a heartbeat (a trial
+  left RUNNING by a process killed outright becomes FAIL and is retried); the same storage and
+  study name load the study, and a resumed study's sampler is re-seeded so it does not replay the
+  first trials' values.
+- :func:`requeue_interrupted`: a trial that SIGINT/SIGTERM ended is FAIL with user attribute
+  ``interrupted``; the next sweep on the study first runs it again with the same values and
+  ``resume=true``, so its KILLED MLflow run continues from its checkpoints.
+- :class:`OptunaPruning`: a Lightning callback that reports ``val/acc`` to the active trial after
+  each validation and raises ``optuna.TrialPruned`` (single-objective studies).
+- :func:`_parent_run`: one MLflow parent run per study (kept across re-runs); of several workers
+  started together, the one whose :func:`create_study` created the study makes it, the others wait
+  for its id in the study's user attributes.
+- :func:`write_summary` / :func:`register_front`: the Pareto front (the best trial for one
+  objective) as ``reports/sweeps/<study>/pareto.{csv,md,png}``, and its trials' models in the
+  MLflow model registry as ``sweep-<study>`` (aliases ``pareto-<trial>``, or ``best``).
 """
 
 from __future__ import annotations
 
 import math
-import signal
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import optuna
-import yaml
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from prunegrid import tracking
-from prunegrid.cli import ArgumentParser, guard
-from prunegrid.config import build, cell, compose, conf_dir
+from prunegrid.cli import ArgumentParser, fail, guard
+from prunegrid.config import build, cell
 from prunegrid.errors import ConfigError
-from prunegrid.interrupt import Interrupted, deferred, signals
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-DIRECTIONS = ("maximize", "minimize")
-TYPES = ("float", "int", "categorical")
 OBJECTIVE_KEYS = (tracking.VAL_FINAL_METRICS + tracking.MODEL_METRICS + tracking.TIME_METRICS + tracking.ONNX_METRICS
                   + tracking.EXPLAIN_METRICS)
 PRUNING_MONITOR = "val/acc"
@@ -57,17 +50,21 @@ PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 INTERRUPTED_ATTR = "interrupted"     # a trial ended by SIGINT/SIGTERM: the signal's name
 RESUMES_ATTR = "resumes_trial"       # a trial that re-runs an interrupted one (its number), with resume=true
+VERSION_ATTR = "registered_version"  # study user attr "registered_version:<trial>": its model's registry version
 PARENT_PENDING = "pending"            # the study's creator is making the parent run
 PARENT_WAIT_S, PARENT_GRACE_S = 120, 2.0
 
-_active: dict[str, Any] = {"trial": None, "step": 0}
+# The trial of the job running in this process (the sweeper sets it), and the MLflow run id that
+# objective_values() saw last (the sweeper reads it back).
+_active: dict[str, Any] = {"trial": None, "step": 0, "run_id": None}
 
 
 class OptunaPruning(Callback):
     """Report ``monitor`` to the running Optuna trial after each validation; prune when told.
 
     Steps count validations over the whole trial (fit and fine-tuning), so a method's
-    fine-tuning continues the curve instead of repeating its steps.
+    fine-tuning continues the curve instead of repeating its steps. Without an active trial (a
+    job run outside the sweeper's process) it does nothing.
     """
 
     def __init__(self, monitor: str = PRUNING_MONITOR):
@@ -78,6 +75,7 @@ class OptunaPruning(Callback):
         if trial is None or trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[self.monitor])
+        _active["run_id"] = _active["run_id"] or getattr(trainer.logger, "version", None) or None  # a pruned trial's run
         step = _active["step"]
         _active["step"] += 1
         trial.report(value, step)
@@ -85,138 +83,94 @@ class OptunaPruning(Callback):
             raise optuna.TrialPruned(f"{self.monitor}={value:.4f} at validation {step}")
 
 
-# -- preset -------------------------------------------------------------------------------------
-def load_preset(name: str, overrides: list[str] = ()) -> DictConfig:
-    """``conf/sweep/<name>.yaml`` with ``sweep.<key>=value`` overrides, checked."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else conf_dir() / "sweep" / f"{name}.yaml"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ConfigError(f"unknown sweep '{name}'; presets in conf/sweep/: {names}")
-    preset = OmegaConf.load(path)
-    for item in overrides:  # sweep.n_trials=5, sweep.space.prune.amount.high=0.7 (the last part is the field)
-        key, _, value = item[len("sweep."):].partition("=")
-        try:
-            parsed = yaml.safe_load(value) if value else None
-            if key.startswith("space.") and key.count(".") >= 2:
-                name, field = key[len("space."):].rsplit(".", 1)
-                preset.space[name][field] = parsed
-            else:
-                OmegaConf.update(preset, key, parsed, force_add=True, merge=False)
-        except Exception as exc:
-            raise ConfigError(f"bad sweep override '{item}': {(str(exc).splitlines() or [''])[0]}") from exc
-    check_preset(preset)
-    return preset
-
-
-def check_preset(p: DictConfig) -> None:
-    if not p.get("study_name"):
-        raise ConfigError("sweep preset needs study_name")
-    objectives = p.get("objectives") or {}
-    if not objectives:
-        raise ConfigError("sweep preset needs objectives, e.g. {val/final_acc: maximize}")
-    for key, direction in objectives.items():
-        if str(key).startswith("test/"):
-            raise ConfigError(f"sweep objective '{key}' reads the test split; choose hyperparameters on the "
-                              f"validation split (e.g. {tracking.VAL_FINAL_METRICS[0]}); test/* is read once per run")
+# -- objectives ---------------------------------------------------------------------------------
+def objective_keys(value: Any) -> list[str]:
+    """``optimized_metric`` as a list of metric keys, checked: run metrics only, never ``test/*``."""
+    keys = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    keys = [str(k) for k in keys if k is not None and str(k) != ""]
+    if not keys:
+        raise ConfigError(f"optimized_metric is empty; give a run metric, e.g. optimized_metric={OBJECTIVE_KEYS[0]}")
+    for key in keys:
+        if key.startswith("test/"):
+            raise ConfigError(f"optimized_metric '{key}' reads the test split; choose on the validation split "
+                              f"(e.g. {tracking.VAL_FINAL_METRICS[0]}); test/* is read once per run, never to choose")
         if key not in OBJECTIVE_KEYS:
-            raise ConfigError(f"sweep objective '{key}' is not a run metric; use one of {', '.join(OBJECTIVE_KEYS)}")
-        if direction not in DIRECTIONS:
-            raise ConfigError(f"sweep objective {key}: '{direction}' must be maximize or minimize")
-    n = p.get("n_trials")
-    if not isinstance(n, int) or n < 1:
-        raise ConfigError(f"sweep.n_trials={n} must be a positive integer")
-    if not p.get("space"):
-        raise ConfigError("sweep preset needs a search space (space: {key: {type, low, high}})")
-    for key, s in p.space.items():
-        kind = s.get("type")
-        if kind not in TYPES:
-            raise ConfigError(f"sweep space {key}: type '{kind}' must be one of {', '.join(TYPES)}")
-        if kind == "categorical":
-            if not s.get("choices"):
-                raise ConfigError(f"sweep space {key}: categorical needs a non-empty choices list")
-            continue
-        low, high = s.get("low"), s.get("high")
-        if low is None or high is None:
-            raise ConfigError(f"sweep space {key}: {kind} needs low and high")
-        if low > high:
-            raise ConfigError(f"sweep space {key}: low={low} > high={high}; swap them")
-        if s.get("log") and low <= 0:
-            raise ConfigError(f"sweep space {key}: log scale needs low > 0 (got {low})")
+            raise ConfigError(f"optimized_metric '{key}' is not a run metric; use one of {', '.join(OBJECTIVE_KEYS)}")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"optimized_metric lists a key twice: {keys}")
+    return keys
 
 
-def suggest(trial: optuna.Trial, space: DictConfig) -> dict[str, Any]:
-    values = {}
-    for key, s in space.items():
-        if s.type == "categorical":
-            values[key] = trial.suggest_categorical(key, list(s.choices))
-        elif s.type == "int":
-            values[key] = trial.suggest_int(key, int(s.low), int(s.high), step=int(s.get("step") or 1),
-                                            log=bool(s.get("log", False)))
-        else:
-            values[key] = trial.suggest_float(key, float(s.low), float(s.high), step=s.get("step"),
-                                              log=bool(s.get("log", False)))
-    return values
+def objective_values(result: Mapping[str, float], keys: list[str]) -> float | list[float]:
+    """What ``train.py`` returns: the value of the one key (a float), or the list of values; a
+    missing metric is NaN (Optuna then marks the trial FAIL). Records the run id for the sweeper."""
+    _active["run_id"] = getattr(result, "run_id", None)
+    values = [float(result[k]) if k in result else math.nan for k in keys]
+    return values[0] if len(values) == 1 else values
 
 
+# -- study --------------------------------------------------------------------------------------
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage with a heartbeat (killed trials become FAILED and are retried); a fresh
     SQLite file is created by one process at a time."""
+    import inspect
     import warnings
 
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    kw = ("heartbeat_stale_trial_callback"
+          if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+          else "failed_trial_callback")
     try:
         with warnings.catch_warnings(), tracking.store_lock(url):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=30, grace_period=90,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, **{kw: retry(max_retry=2)})
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"cannot open sweep storage '{url}' ({reason[:200]}); give a writable database URL, "
-                          f"e.g. sweep.storage={DEFAULT_STORAGE}") from exc
+                          f"e.g. hydra.sweeper.storage={DEFAULT_STORAGE}") from exc
 
 
-def trial_config(preset: DictConfig, overrides: list[str], values: dict[str, Any], pruning: bool,
-                 resume: bool = False) -> DictConfig:
-    cfg = compose([*preset.get("overrides", []), *overrides, *(f"{k}={v}" for k, v in values.items()),
-                   *(["resume=true"] if resume else [])])
-    if pruning:
-        OmegaConf.update(cfg, "trainer.callbacks.optuna_pruning",
-                         {"_target_": f"{__name__}.OptunaPruning", "monitor": PRUNING_MONITOR}, force_add=True)
-    if preset.get("experiment"):
-        OmegaConf.update(cfg, "tracking.experiment", preset.experiment, force_add=True)
-    return cfg
+def instantiate(node: DictConfig | None, what: str, **kwargs: Any) -> Any:
+    """A sampler or pruner from its ``_target_`` node; a bad target or argument is one line."""
+    if node is None:
+        return None
+    target = node.get("_target_") if isinstance(node, (DictConfig, dict)) else None
+    if not target:
+        example = "optuna.samplers.TPESampler" if what == "sampler" else "optuna.pruners.MedianPruner"
+        raise ConfigError(f"hydra.sweeper.{what} needs a _target_, e.g. hydra.sweeper.{what}._target_={example}")
+    try:
+        return build(node, **kwargs)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if isinstance(cause, ImportError) or "Error locating target" in str(exc):
+            names = sorted(n for n in dir(getattr(optuna, f"{what}s")) if n.endswith(what.capitalize())
+                           and not n.startswith(("_", "Base", "PartialFixed")))
+            raise ConfigError(f"unknown {what} '{target}'; Optuna's: {', '.join(f'optuna.{what}s.{n}' for n in names)}") from None
+        raise ConfigError(f"hydra.sweeper.{what} {target}: {reason[:300]}") from None
 
 
-def _check_space_keys(preset: DictConfig, overrides: list[str]) -> DictConfig:
-    cfg = compose([*preset.get("overrides", []), *overrides])
-    missing = [k for k in preset.space if OmegaConf.select(cfg, k, default="__missing__") == "__missing__"]
-    if missing:
-        raise ConfigError(f"sweep space key '{missing[0]}' is not in the config of {cell(cfg)['prune']}; "
-                          f"check the preset's overrides (e.g. prune=...)")
-    return cfg
-
-
-# -- the sweep ----------------------------------------------------------------------------------
-def create_study(preset: DictConfig) -> tuple[optuna.Study, bool]:
-    """The preset's study, loaded when it exists; ``True`` with it when this call created it."""
-    storage = open_storage(str(preset.get("storage") or DEFAULT_STORAGE))
-    sampler = build(preset.sampler) if preset.get("sampler") else None
-    multi = len(preset.objectives) > 1
-    pruner = optuna.pruners.NopPruner() if multi or not preset.get("pruner") else build(preset.pruner)
+def create_study(storage: optuna.storages.BaseStorage | None, study_name: str, directions: list[str],
+                 sampler: DictConfig | None, pruner: optuna.pruners.BasePruner | None) -> tuple[optuna.Study, bool]:
+    """The study, loaded when it exists; ``True`` with it when this call created it. ``sampler`` is
+    its ``_target_`` node: a loaded study's sampler is seeded with ``seed + trials so far``, so a
+    re-run does not replay the first trials' values."""
     created = True
     try:
-        study = optuna.create_study(storage=storage, study_name=str(preset.study_name), sampler=sampler,
-                                    pruner=pruner, directions=list(preset.objectives.values()))
+        study = optuna.create_study(storage=storage, study_name=study_name, sampler=instantiate(sampler, "sampler"),
+                                    pruner=pruner, directions=directions)
         study.set_user_attr(PARENT_ATTR, PARENT_PENDING)  # workers joining now wait for the parent run
     except optuna.exceptions.DuplicatedStudyError:
         created = False
-        study = optuna.load_study(storage=storage, study_name=str(preset.study_name), sampler=sampler, pruner=pruner)
-    if study.directions != [optuna.study.StudyDirection[d.upper()] for d in preset.objectives.values()]:
-        raise ConfigError(f"study '{preset.study_name}' exists with other objectives or directions; give a new "
-                          "sweep.study_name")
-    seed = preset.sampler.get("seed") if preset.get("sampler") else None
-    if seed is not None and study.trials:  # a resumed/joined sweep must not replay the first trials' samples
-        study.sampler = build(preset.sampler, seed=int(seed) + len(study.trials))
+        study = optuna.load_study(storage=storage, study_name=study_name, sampler=instantiate(sampler, "sampler"),
+                                  pruner=pruner)
+    if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+        have = [d.name.lower() for d in study.directions]
+        raise ConfigError(f"study '{study_name}' exists with directions {have}, not {directions}; give another "
+                          "hydra.sweeper.study_name")
+    seed = sampler.get("seed") if sampler is not None else None
+    if seed is not None and study.trials:
+        study.sampler = instantiate(sampler, "sampler", seed=int(seed) + len(study.trials))
     return study, created
 
 
@@ -237,11 +191,12 @@ def complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def _parent_run(study: optuna.Study, cfg: DictConfig, preset: DictConfig, created: bool) -> str:
-    """The study's MLflow parent run, made once. The worker whose ``create_study`` created the study
-    marks it pending at once and makes the run; a worker that joined waits for the run's id (up to
-    :data:`PARENT_WAIT_S` while pending, a short grace otherwise: a study made before this version
-    has no mark) and makes the run itself only when none comes."""
+def _parent_run(study: optuna.Study, cfg: DictConfig, created: bool, experiment: str | None = None) -> str:
+    """The study's MLflow parent run (tag ``prunegrid.kind=sweep``), made once. The worker whose
+    :func:`create_study` created the study marks it pending at once and makes the run; a worker that
+    joined waits for the run's id (up to :data:`PARENT_WAIT_S` while pending, a short grace otherwise:
+    a study made before the mark existed has none) and makes the run itself only when none comes.
+    ``cfg`` is a cell's config (its tracking URI, experiment and labels)."""
     import time
 
     run_id = study.user_attrs.get(PARENT_ATTR)
@@ -253,76 +208,31 @@ def _parent_run(study: optuna.Study, cfg: DictConfig, preset: DictConfig, create
     if run_id and run_id != PARENT_PENDING:
         return run_id
     labels = cell(cfg)
-    experiment = preset.get("experiment") or cfg.tracking.get("experiment") or labels["dataset"]
+    experiment = experiment or cfg.tracking.get("experiment") or labels["dataset"]
     run_id = tracking.start_parent_run(cfg.tracking.get("uri"), experiment, f"sweep-{study.study_name}",
-                                       {"sweep": str(study.study_name), "prune": labels["prune"]})
+                                       {tracking.TAG_RUN_KIND: "sweep", "sweep": str(study.study_name),
+                                        "prune": labels["prune"]})
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
 
 
-def run_sweep(name: str, overrides: list[str] = (), out: str | Path = "reports/sweeps",
-              max_new_trials: int | None = None) -> optuna.Study:
-    """Run (or resume) a sweep until ``n_trials`` trials are COMPLETE; write its summary.
-
-    ``max_new_trials`` stops this process after that many new trials (another process or a
-    later call finishes the study).
-    """
-    from prunegrid.pipeline import run
-
-    overrides = list(overrides)
-    preset = load_preset(name, [o for o in overrides if o.startswith("sweep.")])
-    cell_overrides = [o for o in overrides if not o.startswith("sweep.")]
-    cell_cfg = _check_space_keys(preset, cell_overrides)
-    study, created = create_study(preset)
-    keys = list(preset.objectives)
-    multi = len(keys) > 1
-    parent = _parent_run(study, cell_cfg, preset, created)
-    target = int(preset.n_trials)
-    requeued = requeue_interrupted(study)
-    if requeued:
-        print(f"prunegrid: sweep {study.study_name}: trials {requeued} were interrupted; running them again "
-              "from their checkpoints")
-
-    def objective(trial: optuna.Trial):
-        values = suggest(trial, preset.space)
-        cfg = trial_config(preset, cell_overrides, values, pruning=not multi,
-                           resume=RESUMES_ATTR in trial.user_attrs)
-        _active.update(trial=trial, step=0)
-        try:
-            metrics = run(cfg, parent_run_id=parent)
-        except Interrupted as exc:   # not an Exception, so Optuna would leave the trial RUNNING
-            with deferred():
-                trial.set_user_attr(INTERRUPTED_ATTR, signal.Signals(exc.signum).name)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        finally:
-            _active.update(trial=None, step=0)
-        trial.set_user_attr(RUN_ATTR, metrics.run_id)
-        result = [float(metrics.get(k, math.nan)) for k in keys]
-        return result if multi else result[0]
-
-    started = 0
-    while complete(study) < target and (max_new_trials is None or started < max_new_trials):
-        if started >= 3 * target:
-            print(f"prunegrid: sweep {study.study_name}: {started} trials run, too many pruned; stopping")
-            break
-        if started == 0:
-            print(f"prunegrid: sweep {study.study_name}: {complete(study)}/{target} trials complete; "
-                  f"running the rest")
-        study.optimize(objective, n_trials=1, gc_after_trial=True)
-        started += 1
-    tracking.end_parent_run(cell_cfg.tracking.get("uri"), parent, "FINISHED" if complete(study) >= target else "RUNNING")
-    write_summary(study, keys, Path(out) / str(study.study_name))
-    return study
-
-
 # -- summary ------------------------------------------------------------------------------------
+def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto front (``study.best_trials``) by trial number; for one objective, ``study.best_trial``
+    (the first of equal values) alone."""
+    if not complete(study):
+        return []
+    if len(study.directions) == 1:
+        return [study.best_trial]
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
 def front_table(study: optuna.Study, keys: list[str]):
-    """The Pareto front (``study.best_trials``; the best trial for one objective) as a DataFrame."""
+    """:func:`front` as a DataFrame: trial, the objectives, the params, the MLflow run id."""
     import pandas as pd
 
     rows = []
-    for t in sorted(study.best_trials, key=lambda t: t.number):
+    for t in front(study):
         rows.append({"trial": t.number, **dict(zip(keys, t.values)), **t.params,
                      "run_id": t.user_attrs.get(RUN_ATTR, "")})
     return pd.DataFrame(rows)
@@ -351,9 +261,9 @@ def write_summary(study: optuna.Study, keys: list[str], out: Path) -> Path:
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         fig, ax = plt.subplots(figsize=(6, 4.5))
         ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], c="lightgray", label="trials")
-        front = sorted(study.best_trials, key=lambda t: t.values[1])
-        ax.plot([t.values[1] for t in front], [t.values[0] for t in front], "o-", c="tab:red", label="Pareto front")
-        for t in front:
+        best = sorted(study.best_trials, key=lambda t: t.values[1])
+        ax.plot([t.values[1] for t in best], [t.values[0] for t in best], "o-", c="tab:red", label="Pareto front")
+        for t in best:
             ax.annotate(str(t.number), (t.values[1], t.values[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set(xlabel=keys[1], ylabel=keys[0], title=f"{study.study_name}: Pareto front")
         ax.grid(alpha=0.3)
@@ -364,21 +274,82 @@ def write_summary(study: optuna.Study, keys: list[str], out: Path) -> Path:
     return out
 
 
+def register_front(study: optuna.Study, uri: str | None) -> dict[int, str]:
+    """Register the models of the front's trials in the MLflow model registry as versions of
+    ``sweep-<study>``, aliased ``pareto-<trial>`` (``best`` for one objective); a trial keeps its
+    version across re-runs, and aliases of trials no longer on the front are removed. Trials whose
+    run has no ``model_uri`` tag are skipped (said once). Returns {trial number: version}."""
+    from mlflow.exceptions import MlflowException
+
+    name, multi = f"sweep-{study.study_name}", len(study.directions) > 1
+    best = front(study)
+    if not best:
+        return {}
+    client = tracking.open_client(uri)
+    versions, missing = {}, []
+    for t in best:
+        alias = f"pareto-{t.number}" if multi else "best"
+        version = study.user_attrs.get(f"{VERSION_ATTR}:{t.number}")
+        if version is None:
+            run_id = t.user_attrs.get(RUN_ATTR)
+            model_uri = client.get_run(run_id).data.tags.get(tracking.TAG_MODEL_URI) if run_id else None
+            if not model_uri:
+                missing.append(t.number)
+                continue
+            version = tracking.register_model(uri, model_uri, name=name, aliases=[alias])
+            study.set_user_attr(f"{VERSION_ATTR}:{t.number}", str(version))
+        else:
+            client.set_registered_model_alias(name, alias, str(version))
+        versions[t.number] = str(version)
+    if missing:
+        print(f"prunegrid: sweep {study.study_name}: trials {missing} are not registered: their runs have no "
+              f"'{tracking.TAG_MODEL_URI}' tag (no logged MLflow model)", file=sys.stderr)
+    if multi and versions:
+        try:
+            aliases = dict(client.get_registered_model(name).aliases or {})
+        except MlflowException:
+            aliases = {}
+        keep = {f"pareto-{n}" for n in (t.number for t in best)}
+        for alias in aliases:
+            if alias.startswith("pareto-") and alias not in keep:
+                client.delete_registered_model_alias(name, alias)
+    return versions
+
+
+# -- the alias ----------------------------------------------------------------------------------
+def train_py() -> Path:
+    path = Path(__file__).resolve().parents[2] / "train.py"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run sweeps from a prunegrid checkout: python train.py -m sweep=<preset>")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="python -m prunegrid.sweep", description="Optuna sweep of one method: "
-                       "sweep=<preset in conf/sweep/> [sweep.<key>=...] [config overrides...]")
+    p = ArgumentParser(prog="python -m prunegrid.sweep",
+                       description="Optuna sweep of one method, an alias of `python train.py -m sweep=<preset> "
+                                   "[overrides]` (Hydra's multirun with the project's Optuna sweeper; presets in "
+                                   "conf/sweep/, settings hydra.sweeper.<key>=...)")
     p.add_argument("args", nargs="+", metavar="ARG",
-                   help="sweep=<preset> then overrides (sweep.n_trials=5, trainer.max_epochs=2)")
-    p.add_argument("--out", default="reports/sweeps", help="output folder (default: reports/sweeps)")
-    p.add_argument("--max-new-trials", type=int, default=None, help="stop this process after N new trials")
+                   help="sweep=<preset> then overrides (hydra.sweeper.n_trials=5, trainer.max_epochs=2)")
     a = p.parse_args(argv)
-    names = [x.split("=", 1)[1] for x in a.args if x.startswith("sweep=")]
+    with guard():
+        _exec(p, a.args)
+
+
+def _exec(p: ArgumentParser, args: list[str]) -> None:
+    names = [x.split("=", 1)[1] for x in args if x.startswith("sweep=")]
     if len(names) != 1:
         p.error("name one preset: sweep=<name> (conf/sweep/<name>.yaml)")
-    with guard(), signals():
-        study = run_sweep(names[0], [x for x in a.args if not x.startswith("sweep=")], a.out, a.max_new_trials)
-    print(f"prunegrid: sweep {study.study_name}: {complete(study)} complete trials -> "
-          f"{Path(a.out) / study.study_name / 'pareto.md'}")
+    presets = sorted(f.stem for f in (train_py().parent / "conf" / "sweep").glob("*.yaml"))
+    if names[0] not in presets:
+        fail(f"unknown sweep '{names[0]}'; presets in conf/sweep/: {', '.join(presets)}")
+    old = [x for x in args if x.startswith("sweep.")]
+    if old:
+        key, _, value = old[0][len("sweep."):].partition("=")
+        fail(f"'{old[0]}': sweep settings are hydra.sweeper.<key> now, e.g. hydra.sweeper.{key}={value}")
+    script = train_py()
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, str(script), "-m", *args])
 
 
 if __name__ == "__main__":

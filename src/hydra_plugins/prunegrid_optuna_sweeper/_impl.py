@@ -1,0 +1,425 @@
+"""The sweep: ask Optuna for trials, hand them to Hydra's launcher as jobs, tell Optuna how they ended.
+
+Each invocation adds ``n_trials`` trials to the study (``storage`` + ``study_name``), in batches of
+``n_jobs``. Before the first batch, trials that SIGINT/SIGTERM interrupted earlier are queued again
+with the same values and ``resume=true`` (:func:`prunegrid.sweep.requeue_interrupted`), and trials a
+killed process left RUNNING are failed and retried (Optuna's heartbeat). Every job gets, besides its
+sampled values and the command line's fixed overrides, ``tracking.parent_run_id`` (the study's MLflow
+parent run) and, for one objective, the pruning callback ``trainer.callbacks.optuna_pruning``.
+
+A job's outcome: its return value (``train.py`` returns the ``optimized_metric`` values) -> COMPLETE;
+``optuna.TrialPruned`` -> PRUNED; another exception (kept by Hydra in the ``JobReturn``) -> FAIL; a
+SIGINT/SIGTERM -> FAIL with user attribute ``interrupted``, and the sweep ends (exit 130/143). Optuna
+is told under :func:`prunegrid.interrupt.deferred`, so a second signal cannot cut it in half.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
+from hydra.core.plugins import Plugins
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+PRUNING_KEY = "trainer.callbacks.optuna_pruning"
+
+
+def distribution(override: Override) -> Any:
+    """The Optuna distribution of a sweep override (``choice``, ``range``, ``interval``, ``tag(log, ...)``),
+    or the value of a plain override as a string."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if not override.is_sweep_override():
+        return override.get_value_element_as_str()
+    value = override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
+        assert isinstance(value, (ChoiceSweep, RangeSweep))
+        choices = list(override.sweep_iterator(transformer=Transformer.encode))
+        bad = [c for c in choices if not isinstance(c, (str, int, float, bool, type(None)))]
+        if bad:
+            raise ValueError(f"choices must be str, int, float, bool or null (got {bad[0]!r})")
+        return CategoricalDistribution(choices)
+    if override.is_range_sweep():  # range(start, stop, step): stop excluded, as in Hydra
+        assert isinstance(value, RangeSweep)
+        values = list(override.sweep_iterator())
+        if not values:
+            raise ValueError(f"range({value.start}, {value.stop}, {value.step}) is empty")
+        if all(isinstance(v, int) for v in values) and isinstance(value.step, int):
+            return IntDistribution(int(values[0]), int(values[-1]), step=int(value.step))
+        return FloatDistribution(float(values[0]), float(values[-1]), step=float(value.step))
+    if override.is_interval_sweep():
+        assert isinstance(value, IntervalSweep)
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(int(value.start), int(value.end), log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"{override.input_line} is not supported by the Optuna sweeper")
+
+
+def search_space(arguments: List[str]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """The distributions and the fixed overrides (``key -> override as written``) of ``key=value``
+    arguments; the later of two arguments with one key wins (command line over ``hydra.sweeper.params``)."""
+    from prunegrid.errors import ConfigError
+
+    space: Dict[str, Any] = {}
+    fixed: Dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        try:
+            value = distribution(override)
+        except ValueError as exc:
+            raise ConfigError(f"sweep parameter {override.input_line}: {(str(exc).splitlines() or [''])[0]}") from None
+        space.pop(key, None)
+        fixed.pop(key, None)
+        if isinstance(value, str):
+            fixed[key] = override.input_line
+        else:
+            space[key] = value
+    return space, fixed
+
+
+def suggest(trial: Any, space: Dict[str, Any]) -> Dict[str, Any]:
+    """The trial's values (an enqueued trial gets its queued ones)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    values = {}
+    for key, d in space.items():
+        if isinstance(d, CategoricalDistribution):
+            values[key] = trial.suggest_categorical(key, d.choices)
+        elif isinstance(d, FloatDistribution):
+            values[key] = trial.suggest_float(key, d.low, d.high, step=d.step, log=d.log)
+        else:
+            values[key] = trial.suggest_int(key, d.low, d.high, step=d.step, log=d.log)
+    return values
+
+
+def _quote(value: Any) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "null" if value is None else str(value)
+
+
+def check_directions(direction: Any, keys: List[Any]) -> List[str]:
+    """``hydra.sweeper.direction`` as one direction per ``optimized_metric`` key."""
+    from prunegrid.errors import ConfigError
+
+    directions = [str(d) for d in direction] if isinstance(direction, (list, tuple, ListConfig)) else [str(direction)]
+    for d in directions:
+        if d not in ("maximize", "minimize"):
+            raise ConfigError(f"hydra.sweeper.direction '{d}' must be maximize or minimize")
+    if len(directions) != len(keys):
+        example = ",".join((["maximize", "minimize"] * len(keys))[:len(keys)])
+        raise ConfigError(f"hydra.sweeper.direction gives {len(directions)} direction(s) for {len(keys)} "
+                          f"optimized_metric key(s) {[str(k) for k in keys]}; give one per key, e.g. "
+                          f"hydra.sweeper.direction=[{example}]")
+    return directions
+
+
+def interruption(exc: BaseException) -> Optional[int]:
+    """The signal number when ``exc`` is a SIGINT/SIGTERM (raised as such, or turned into an exit by
+    ``prunegrid.cli.guard`` in the job); else None."""
+    from prunegrid.interrupt import Interrupted
+
+    seen = exc
+    for _ in range(3):
+        if isinstance(seen, Interrupted):
+            return seen.signum
+        if seen.__context__ is None:
+            break
+        seen = seen.__context__
+    return None
+
+
+class TrialJob:
+    """The task function as the launcher runs it, in this process: the trial of job ``hydra.job.num``
+    is the active one (for :class:`prunegrid.sweep.OptunaPruning`) and the job's MLflow run id is kept."""
+
+    def __init__(self, task_function: TaskFunction):
+        self.task_function = task_function
+        self.trials: Dict[int, Any] = {}
+        self.started: List[int] = []
+        self.run_ids: Dict[int, str] = {}
+        self.returns: Dict[int, Any] = {}   # the jobs that ended (a JobReturn each), for a batch cut short
+
+    def __getstate__(self) -> dict:  # a launcher that pickles the job runs it elsewhere: no trial there
+        return {"task_function": self.task_function, "trials": {}, "started": [], "run_ids": {}, "returns": {}}
+
+    def clear(self) -> None:
+        for kept in (self.trials, self.started, self.run_ids, self.returns):
+            kept.clear()
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import JobReturn, JobStatus
+
+        from prunegrid import sweep
+
+        num = int(HydraConfig.get().job.num)
+        self.started.append(num)
+        sweep._active.update(trial=self.trials.get(num), step=0, run_id=None)
+        try:
+            value = self.task_function(cfg)
+            self.returns[num] = JobReturn(status=JobStatus.COMPLETED, _return_value=value)
+            return value
+        except Exception as exc:
+            self.returns[num] = JobReturn(status=JobStatus.FAILED, _return_value=exc)
+            raise
+        finally:
+            if sweep._active["run_id"]:
+                self.run_ids[num] = sweep._active["run_id"]
+            sweep._active.update(trial=None, step=0, run_id=None)
+
+
+class OptunaSweeperImpl:
+    def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
+                 n_trials: int, n_jobs: int, params: Optional[DictConfig], pruner: Optional[DictConfig],
+                 max_failure_rate: float, report_dir: str) -> None:
+        self.sampler, self.pruner, self.direction = sampler, pruner, direction
+        self.storage, self.study_name = storage, study_name
+        self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
+        self.params = params if params is not None else OmegaConf.create({})
+        self.report_dir = report_dir
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.job_idx = config, hydra_context, 0
+        self.job = TrialJob(task_function)
+        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
+                                                                task_function=self.job)
+
+    # -- checks before any trial -----------------------------------------------------------------
+    def _task_config(self) -> DictConfig:
+        """The config every job starts from (no hydra node), with the cell groups' choices."""
+        from prunegrid.config import CELL_GROUPS
+
+        cfg = OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"])
+        with open_dict(cfg):
+            cfg.choices = {g: str(v) for g, v in self.config.hydra.runtime.choices.items()
+                           if g in CELL_GROUPS and v is not None}
+        return cfg
+
+    def _check(self, arguments: List[str]) -> Tuple[List[str], List[str], Dict[str, Any], Dict[str, str]]:
+        """The settings, the objectives and the search space, checked before anything is created (the
+        settings first: they need no heavy import)."""
+        from prunegrid.errors import ConfigError
+
+        metric = self.config.get("optimized_metric", "val/final_acc")
+        directions = check_directions(self.direction, list(metric) if isinstance(metric, ListConfig) else [metric])
+        for name, value in (("n_trials", self.n_trials), ("n_jobs", self.n_jobs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"hydra.sweeper.{name}={value} must be a positive integer")
+        if not 0.0 <= float(self.max_failure_rate) <= 1.0:
+            raise ConfigError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} must be in [0, 1]")
+        if not self.study_name:
+            raise ConfigError("hydra.sweeper.study_name is empty; name the study")
+        from prunegrid import sweep
+
+        keys = sweep.objective_keys(metric)
+        params = [f"{k}={v}" for k, v in self.params.items()]
+        space, fixed = search_space(params + list(arguments))
+        if not space:
+            raise ConfigError("the sweep has no search space: give hydra.sweeper.params or a sweep override, "
+                              "e.g. 'prune.amount=interval(0.1,0.9)'")
+        task = self._task_config()
+        groups = set(self.config.hydra.runtime.choices)
+        for key in space:
+            bare = key.lstrip("+~")
+            if bare == key and bare not in groups and OmegaConf.select(task, bare, default="__absent__") == "__absent__":
+                prune = task.choices.get("prune", "?")
+                raise ConfigError(f"sweep parameter '{key}' is not in the config (prune={prune}); check the "
+                                  f"prune option or the key (append a new key with +{key}=...)")
+        return keys, directions, space, fixed
+
+    # -- the sweep -------------------------------------------------------------------------------
+    def sweep(self, arguments: List[str]) -> Any:
+        from prunegrid.cli import guard
+        from prunegrid.interrupt import signals
+
+        with guard(), signals():
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: List[str]) -> Any:
+        keys, directions, space, fixed = self._check(arguments)
+        import optuna
+
+        from prunegrid import sweep, tracking
+
+        multi = len(keys) > 1
+        pruner = None if multi or self.pruner is None else sweep.instantiate(self.pruner, "pruner")
+        pruner = pruner or optuna.pruners.NopPruner()
+        sweep.instantiate(self.sampler, "sampler")  # a bad sampler is one line before the storage is touched
+        storage = sweep.open_storage(str(self.storage)) if self.storage else None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study, created = sweep.create_study(storage, str(self.study_name), directions, self.sampler, pruner)
+        task = self._task_config()
+        uri = task.tracking.get("uri")
+        parent = sweep._parent_run(study, task, created)
+        tracking.open_client(uri).update_run(parent, status="RUNNING")
+        if storage is not None:  # trials a killed process left RUNNING: FAIL, and retried (RetryFailedTrialCallback)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        so_far = len(study.trials)
+        requeued = sweep.requeue_interrupted(study)
+        print(f"prunegrid: sweep {study.study_name}: {so_far} trials so far ({sweep.complete(study)} "
+              f"complete), adding {self.n_trials}; storage {self.storage or 'in memory'}; MLflow parent run {parent}",
+              file=sys.stderr)
+        if requeued:
+            print(f"prunegrid: sweep {study.study_name}: trials {requeued} were interrupted; running them again "
+                  "from their checkpoints (resume=true)", file=sys.stderr)
+        extra = [f"tracking.parent_run_id={_quote(parent)}"]
+        if not multi:
+            extra.append(f"+{PRUNING_KEY}={{_target_:prunegrid.sweep.OptunaPruning,"
+                         f"monitor:{_quote(sweep.PRUNING_MONITOR)}}}")
+        status = "FAILED"
+        try:
+            to_go = self.n_trials
+            while to_go > 0:
+                batch = min(self.n_jobs, to_go)
+                with warnings.catch_warnings():  # ask/tell with a heartbeat: _batch runs the heartbeat threads
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    trials = [study.ask() for _ in range(batch)]
+                self._batch(study, trials, space, fixed, extra, keys)
+                to_go -= batch
+            status = "FINISHED"
+        except BaseException as exc:
+            status = "KILLED" if interruption(exc) is not None else "FAILED"
+            raise
+        finally:
+            tracking.end_parent_run(uri, parent, status)
+            self._summary(study, keys, uri)
+        return study
+
+    def _batch(self, study: Any, trials: List[Any], space: Dict[str, Any], fixed: Dict[str, str],
+               extra: List[str], keys: List[str]) -> None:
+        import optuna
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        from prunegrid import sweep
+        from prunegrid.interrupt import deferred
+
+        overrides: List[Sequence[str]] = []
+        for i, trial in enumerate(trials):
+            values = suggest(trial, space)
+            resume = ["resume=true"] if sweep.RESUMES_ATTR in trial.user_attrs else []
+            overrides.append((*(f"{k}={_quote(v) if isinstance(v, str) and _needs_quote(v) else v}"
+                                for k, v in values.items()),
+                              *fixed.values(), *extra, *resume))
+        first = self.job_idx
+        self.job.clear()
+        self.job.trials.update({first + i: trial for i, trial in enumerate(trials)})
+        beats = [get_heartbeat_thread(t._trial_id, study._storage) for t in trials]
+        for b in beats:
+            b.start()
+        try:
+            returns = self.launcher.launch(overrides, initial_job_idx=first)
+        except BaseException as exc:  # SIGINT/SIGTERM, or a user error that ended a job with its one line
+            self.job_idx += len(trials)
+            signum = interruption(exc)
+            running = [n for n in self.job.started if n not in self.job.returns]
+            cut = running[-1] if running else None                      # the job that was running
+            with deferred():
+                for i, trial in enumerate(trials):
+                    ended = self.job.returns.get(first + i)
+                    if ended is not None:                               # ended before the cut: as usual
+                        self._tell(study, trial, ended, first + i, keys)
+                        continue
+                    if self.job.run_ids.get(first + i):
+                        trial.set_user_attr(sweep.RUN_ATTR, self.job.run_ids[first + i])
+                    if first + i == cut and signum is not None:
+                        trial.set_user_attr(sweep.INTERRUPTED_ATTR, signal.Signals(signum).name)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if signum is not None and cut is not None:
+                print(f"prunegrid: sweep {study.study_name}: trial {trials[cut - first].number} was interrupted; "
+                      "the next sweep on this study runs it again from its checkpoints", file=sys.stderr)
+            raise
+        finally:
+            for b in beats:
+                b.join()
+        self.job_idx += len(returns)
+        with deferred():
+            failures = [e for e in (self._tell(study, trial, ret, first + i, keys)
+                                    for i, (trial, ret) in enumerate(zip(trials, returns))) if e is not None]
+        self.job.clear()
+        if failures and len(failures) / len(returns) > self.max_failure_rate:
+            log.error("%d of %d trials failed (max_failure_rate=%s)", len(failures), len(returns),
+                      self.max_failure_rate)
+            raise failures[0]
+
+    def _tell(self, study: Any, trial: Any, ret: Any, num: int, keys: List[str]) -> Optional[BaseException]:
+        """Tell Optuna how job ``num`` ended (its MLflow run id first); the error of a FAIL trial."""
+        from prunegrid import sweep
+
+        if self.job.run_ids.get(num):
+            trial.set_user_attr(sweep.RUN_ATTR, self.job.run_ids[num])
+        state, values, error = self._outcome(ret, keys)
+        if error is not None:
+            log.warning("trial %d failed: %s", trial.number, error)
+        study.tell(trial, values=values, state=state)
+        return error
+
+    @staticmethod
+    def _outcome(ret: Any, keys: List[str]) -> Tuple[Any, Optional[List[float]], Optional[BaseException]]:
+        import optuna
+        from hydra.core.utils import JobStatus
+
+        value = ret._return_value
+        if ret.status != JobStatus.COMPLETED:
+            if isinstance(value, optuna.TrialPruned):
+                return optuna.trial.TrialState.PRUNED, None, None
+            return optuna.trial.TrialState.FAIL, None, value if isinstance(value, BaseException) else None
+        raw = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+        try:
+            values = [float(v) for v in raw]
+        except (TypeError, ValueError):
+            return optuna.trial.TrialState.FAIL, None, ValueError(
+                f"the job returned {value!r}, not {len(keys)} number(s) for optimized_metric {keys}")
+        if len(values) != len(keys):
+            return optuna.trial.TrialState.FAIL, None, ValueError(
+                f"the job returned {len(values)} value(s) for {len(keys)} optimized_metric key(s) {keys}")
+        if any(math.isnan(v) for v in values):
+            log.warning("a trial's %s is missing (NaN): the trial is FAIL", keys)
+            return optuna.trial.TrialState.FAIL, None, None
+        return optuna.trial.TrialState.COMPLETE, values, None
+
+    def _summary(self, study: Any, keys: List[str], uri: Optional[str]) -> None:
+        from prunegrid import sweep
+
+        if not sweep.complete(study):
+            print(f"prunegrid: sweep {study.study_name}: {len(study.trials)} trials, none complete yet; no summary",
+                  file=sys.stderr)
+            return
+        out = sweep.write_summary(study, keys, Path(self.report_dir) / str(study.study_name))
+        try:
+            sweep.register_front(study, uri)
+        except Exception as exc:  # the registry is a convenience: the sweep's results stand without it
+            print(f"prunegrid: sweep {study.study_name}: model registry not updated ({type(exc).__name__}: "
+                  f"{(str(exc).splitlines() or [''])[0][:200]})", file=sys.stderr)
+        best = sweep.front(study)
+        results: Dict[str, Any] = {"name": "optuna", "study_name": str(study.study_name)}
+        if len(keys) == 1 and best:
+            results.update(best_params=best[0].params, best_value=best[0].value)
+        elif best:
+            results["solutions"] = [{"params": t.params, "values": t.values, "trial": t.number} for t in best]
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+        print(f"prunegrid: sweep {study.study_name}: {len(study.trials)} trials ({sweep.complete(study)} complete); "
+              f"{'Pareto front' if len(keys) > 1 else 'best trial'} {[t.number for t in best]} -> {out / 'pareto.md'}",
+              file=sys.stderr)
+
+
+def _needs_quote(value: str) -> bool:
+    """A string value that Hydra would read as something else (a number, null, a list) or not parse."""
+    import re
+
+    return not re.fullmatch(r"[A-Za-z_][\w./\-]*", value) or value.lower() in ("null", "true", "false")
