@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         base = f"http://127.0.0.1:{a.port}"
         cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(a.port), "--workers", "1"]
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen(cmd, stdout=sys.stderr)  # stdout carries only the address line
         try:
             wait_until_up(base, proc)
             url = experiment_url(base, exp_id)
