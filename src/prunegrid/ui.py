@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.add_argument("--no-browser", action="store_true", help="print the address only")
     a = p.parse_args(argv)
-    with guard():
+    from prunegrid.interrupt import signals
+
+    with guard(), signals():  # SIGTERM stops the server too
         uri = tracking.resolve_uri(a.tracking_uri)
         exp_id = pick_experiment(uri, a.experiment)
         base = f"http://127.0.0.1:{a.port}"
