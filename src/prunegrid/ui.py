@@ -66,28 +66,54 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.add_argument("--no-browser", action="store_true", help="print the address only")
     a = p.parse_args(argv)
-    from prunegrid.interrupt import signals
+    from prunegrid.interrupt import Interrupted, signals
 
-    with guard(), signals():  # SIGTERM stops the server too
-        uri = tracking.resolve_uri(a.tracking_uri)
-        exp_id = pick_experiment(uri, a.experiment)
-        base = f"http://127.0.0.1:{a.port}"
-        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(a.port), "--workers", "1"]
-        proc = subprocess.Popen(cmd, stdout=sys.stderr)  # stdout carries only the address line
+    with guard(), signals():  # SIGINT/SIGTERM stop the server too
         try:
-            wait_until_up(base, proc)
-            url = experiment_url(base, exp_id)
-            print(f"prunegrid: MLflow UI of {uri}: {url}", flush=True)
-            if not a.no_browser and (os.environ.get("DISPLAY") or sys.platform == "darwin"):
-                import webbrowser
+            serve(a)
+        except Interrupted as exc:
+            print(f"prunegrid: MLflow UI stopped ({exc})", file=sys.stderr)
+            sys.exit(exc.exit_code)
 
-                webbrowser.open(url)
-            proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
+
+def serve(a) -> None:
+    """Start ``mlflow ui`` on the store, print the experiment's address, wait for the server."""
+    uri = tracking.resolve_uri(a.tracking_uri)
+    exp_id = pick_experiment(uri, a.experiment)
+    base = f"http://127.0.0.1:{a.port}"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(a.port), "--workers", "1"]
+    # its own process group (the server's workers with it); stdout carries only the address line
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True)
+    try:
+        wait_until_up(base, proc)
+        url = experiment_url(base, exp_id)
+        print(f"prunegrid: MLflow UI of {uri}: {url}", flush=True)
+        if not a.no_browser and (os.environ.get("DISPLAY") or sys.platform == "darwin"):
+            import webbrowser
+
+            webbrowser.open(url)
+        while proc.poll() is None:  # short sleeps: a signal that lands on another thread is still seen
+            time.sleep(0.5)
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL after ``grace_s`` (uvicorn waits for idle
+    connections to close before it exits)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 if __name__ == "__main__":
