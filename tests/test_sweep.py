@@ -39,8 +39,9 @@ def _start(tmp_path: Path, study: str, *extra: str) -> subprocess.Popen:
     args = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "prune=l1_static", "prune.amount=interval(0.2,0.6)",
             f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", f"hydra.sweeper.study_name={study}",
             f"hydra.sweep.dir={tmp_path}/multirun/{study}", *_cell(tmp_path), *extra]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}   # two sweeps at once share 2 cores
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _finish(proc: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
