@@ -26,6 +26,13 @@ marks a delta smaller than its spread "within noise", a speed-up whose interval 
 "not measurably faster" (the interval spans the runs' interquartile range of paired ratios and the
 mean ± std over seeds), one wholly below 1.0 "measurably slower", rows whose baseline hit the epoch
 cap, and unequal budgets.
+
+Figures (:mod:`prunegrid.report.figures`): the accuracy trade-offs with their Pareto front
+(``pareto_params`` / ``pareto_latency`` in ``grid.csv``), the relative bars, and the per-epoch curves
+(``curves.csv``, ``curves/curves_<backbone>.png``). In MLflow (:mod:`prunegrid.report.publish`,
+unless ``mlflow_write=False``): a grid parent run per experiment holding the selected cells and the
+report's files, and each method's best model by ``val/final_acc`` registered as
+``prunegrid-<experiment>@best-<prune>``. Parent runs are never cells (:func:`tracking.load_cell_runs`).
 """
 
 from __future__ import annotations

@@ -23,9 +23,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from prunegrid import tracking
+from prunegrid.cli import message
 
 KIND = "grid"
 VAL_ACC, VAL_LOSS = tracking.VAL_FINAL_METRICS
@@ -103,8 +105,12 @@ def register_best(uri: str, cells: pd.DataFrame, experiments: dict[str, str],
                 if current is not None and _model_id(reg.model_uri) in (current.model_id, _model_id(current.source or "")):
                     reg.version, reg.status = str(current.version), "unchanged"
                 else:
-                    reg.version = tracking.register_model(uri, reg.model_uri, reg.name, [reg.alias])
-                    reg.status = "registered"
+                    try:
+                        reg.version = tracking.register_model(uri, reg.model_uri, reg.name, [reg.alias])
+                        reg.status = "registered"
+                    except MlflowException as exc:  # the logged model was deleted, a registry that refuses
+                        reg.status = "skipped"
+                        reg.why = f"registering {reg.model_uri} failed: {message(exc)}"
         log(reg.line())
         done.append(reg)
     return done
