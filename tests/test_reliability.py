@@ -160,15 +160,15 @@ def test_sigint_and_sigterm_mid_fit_end_killed_without_test_metrics_then_resume(
     assert not (term / "ckpt" / killed).exists(), "a FINISHED run's checkpoints are removed"
 
 
-def test_six_processes_write_one_fresh_sqlite_store(tmp_path):
+def test_four_processes_write_one_fresh_sqlite_store(tmp_path):
     procs = [_popen(tiny(tmp_path / f"p{i}", f"tracking.uri=sqlite:///{tmp_path}/shared.db", "backbone=simple_cnn",
                          f"seed={i}", "explain.enabled=false"), tmp_path)
-             for i in range(6)]
+             for i in range(4)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     client, runs = _runs(f"sqlite:///{tmp_path}/shared.db")
-    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.info.experiment_id for r in runs}) == 1
     assert sorted(e.name for e in client.search_experiments()) == ["Default", "fashion_mnist"]
 

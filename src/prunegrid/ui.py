@@ -22,10 +22,10 @@ from prunegrid.errors import ConfigError
 VIEW = "workflowType=machine_learning"
 
 
-def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+def experiment_url(server: str, experiment_id: str, run_id: str | None = None) -> str:
     """The UI address of an experiment's runs table (or of one run) in the model-training view."""
     path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
-    return f"{base.rstrip('/')}/{path}?{VIEW}"
+    return f"{server.rstrip('/')}/{path}?{VIEW}"
 
 
 def pick_experiment(uri: str, name: str | None) -> str:
@@ -80,14 +80,14 @@ def serve(a) -> None:
     """Start ``mlflow ui`` on the store, print the experiment's address, wait for the server."""
     uri = tracking.resolve_uri(a.tracking_uri)
     exp_id = pick_experiment(uri, a.experiment)
-    base = f"http://127.0.0.1:{a.port}"
+    server = f"http://127.0.0.1:{a.port}"
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(a.port), "--workers", "1"]
     # its own process group (the server's workers with it); stdout carries only the address line
     proc = subprocess.Popen(cmd, stdout=sys.stderr, start_new_session=True)
     try:
-        wait_until_up(base, proc)
-        url = experiment_url(base, exp_id)
+        wait_until_up(server, proc)
+        url = experiment_url(server, exp_id)
         print(f"prunegrid: MLflow UI of {uri}: {url}", flush=True)
         if not a.no_browser and (os.environ.get("DISPLAY") or sys.platform == "darwin"):
             import webbrowser
@@ -99,7 +99,7 @@ def serve(a) -> None:
         stop(proc)
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+def stop(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
     """SIGTERM to the server's process group, SIGKILL after ``grace_s`` (uvicorn waits for idle
     connections to close before it exits)."""
     import signal
