@@ -26,6 +26,8 @@ ENTRY_POINTS = {
     "prunegrid.explain": "Grad-CAM",
     "prunegrid.pretrain": "transfer",
     "prunegrid.data.fetch": "Fashion-MNIST",
+    "prunegrid.ui": "MLflow UI",
+    "prunegrid.progress": "counting",
 }
 
 

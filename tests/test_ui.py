@@ -203,3 +203,12 @@ def test_registered_best_model_predicts_through_pyfunc(store):
     with torch.no_grad():
         expected = saved.eval()(images).numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_experiment_is_one_line(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.experiment_id(tracking.open_client(uri), "fashion_mnist")
+    proc = subprocess.run([sys.executable, "-m", "prunegrid.ui", "--tracking-uri", uri, "--experiment", "cifar"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"prunegrid: error: no experiment 'cifar' in {uri}; experiments: fashion_mnist"]
