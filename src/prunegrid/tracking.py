@@ -358,20 +358,28 @@ def start_parent_run(uri: str | None, experiment: str, name: str, tags: dict[str
                              tags={k: str(v) for k, v in tags.items()}).info.run_id
 
 
+@contextmanager
+def fluent_uri(uri: str | None) -> Iterator[str]:
+    """MLflow's fluent API (``mlflow.register_model``, ``mlflow.search_runs``, ``log_model``) pointed
+    at the store at ``uri`` within the block; the process's tracking URI is restored after."""
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(resolve_uri(uri))
+    try:
+        yield resolve_uri(uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def register_model(uri: str | None, model_uri: str, name: str, aliases: list[str] = ()) -> str:
     """Register ``model_uri`` (a run's logged model, ``models:/m-...``) as a new version of ``name`` in
     the registry of the store at ``uri`` (``mlflow.register_model``) and point ``aliases``
     (``best-channel``) at it; the version."""
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(resolve_uri(uri))
-    try:
+    with fluent_uri(uri) as store:
         version = mlflow.register_model(model_uri, name).version
-        client = MlflowClient(resolve_uri(uri))
+        client = MlflowClient(store)
         for alias in aliases:
             client.set_registered_model_alias(name, alias, version)
         return str(version)
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def end_parent_run(uri: str | None, run_id: str, status: str = "FINISHED") -> None:
@@ -380,29 +388,32 @@ def end_parent_run(uri: str | None, run_id: str, status: str = "FINISHED") -> No
 
 def search_runs(uri: str | None = None, **kwargs):
     """``mlflow.search_runs`` on the store at ``uri`` (the process's tracking URI is restored after)."""
-    import mlflow
-
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(resolve_uri(uri))
-    try:
+    with fluent_uri(uri):
         return mlflow.search_runs(**kwargs)
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
-def load_runs(uri: str | None = None, experiments: list[str] | None = None, finished_only: bool = True):
+def load_runs(uri: str | None = None, experiments: list[str] | None = None, finished_only: bool = True,
+              cells_only: bool = False):
     """Runs as a DataFrame (``mlflow.search_runs``): one row per run with ``run_id``, ``run_name``,
-    ``status``, ``experiment_id``, ``start_time``, the CONTRACT tags and the metrics (plain keys)."""
+    ``status``, ``experiment_id``, ``start_time``, the CONTRACT tags and the metrics (plain keys).
+    ``cells_only``: without the runs that group others (tag ``prunegrid.kind`` = ``grid`` or ``sweep``),
+    with the columns ``kind``, ``model_uri`` and ``parent_run_id`` (tags; "" when absent)."""
     import pandas as pd
 
     df = search_runs(uri, experiment_names=experiments, search_all_experiments=experiments is None,
                      filter_string="attributes.status = 'FINISHED'" if finished_only else "")
+    extra = {col: (df[f"tags.{tag}"].fillna("") if f"tags.{tag}" in df else pd.Series("", index=df.index))
+             for col, tag in CELL_RUN_COLUMNS.items()} if cells_only and not df.empty else {}
+    if extra:
+        df = df[~extra["kind"].isin(PARENT_KINDS)]
     if df.empty:
         return pd.DataFrame()
     out = df[["run_id", "status", "experiment_id", "start_time"]].copy()
     out["run_name"] = df.get("tags.mlflow.runName", "")
     for t in (*TAGS, "ref_prune"):
         out[t] = df[f"tags.{t}"].fillna("") if f"tags.{t}" in df else ""
+    for col, values in extra.items():
+        out[col] = values[df.index]
     metrics = df[[c for c in df.columns if c.startswith("metrics.")]]
     return pd.concat([out, metrics.rename(columns=lambda c: c.removeprefix("metrics."))], axis=1)
 
@@ -499,11 +510,9 @@ def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None
     import prunegrid
 
     client = MlflowClient(uri)
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(uri)
     example = np.ascontiguousarray(example, dtype=np.float32)
     code = [str(Path(prunegrid.__file__).parent)]
-    try:
+    with fluent_uri(uri):
         run = client.get_run(run_id)
         before = {out.model_id for out in run.outputs.model_outputs}
         mlflow.set_experiment(experiment_id=run.info.experiment_id)
@@ -542,8 +551,6 @@ def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None
                                              onnx_execution_providers=["CPUExecutionProvider"],
                                              pip_requirements=["onnxruntime", "onnx"])
                 return info.model_uri, "onnx", why
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 # -- the grid report's side: cells without their parent runs, parents that group them ---------------
@@ -556,26 +563,7 @@ def load_cell_runs(uri: str | None = None, experiments: list[str] | None = None)
     """:func:`load_runs` (FINISHED runs) without the runs that group others (tag ``prunegrid.kind`` =
     ``grid`` or ``sweep``), with the columns ``kind``, ``model_uri`` and ``parent_run_id`` (tags; ""
     when absent) added: what the grid report reads."""
-    import pandas as pd
-
-    df = search_runs(uri, experiment_names=experiments, search_all_experiments=experiments is None,
-                     filter_string="attributes.status = 'FINISHED'")
-    if df.empty:
-        return pd.DataFrame()
-    extra = {col: (df[f"tags.{tag}"].fillna("") if f"tags.{tag}" in df else pd.Series("", index=df.index))
-             for col, tag in CELL_RUN_COLUMNS.items()}
-    keep = ~extra["kind"].isin(PARENT_KINDS)
-    df = df[keep]
-    if df.empty:
-        return pd.DataFrame()
-    out = df[["run_id", "status", "experiment_id", "start_time"]].copy()
-    out["run_name"] = df.get("tags.mlflow.runName", "")
-    for t in (*TAGS, "ref_prune"):
-        out[t] = df[f"tags.{t}"].fillna("") if f"tags.{t}" in df else ""
-    for col, values in extra.items():
-        out[col] = values[keep]
-    metrics = df[[c for c in df.columns if c.startswith("metrics.")]]
-    return pd.concat([out, metrics.rename(columns=lambda c: c.removeprefix("metrics."))], axis=1)
+    return load_runs(uri, experiments, cells_only=True)
 
 
 def metric_histories(uri: str | None, run_ids: list[str], keys: tuple[str, ...] = EPOCH_METRICS):
