@@ -195,10 +195,58 @@ def write_params(overrides: list[str] = (), output: str | Path = PARAMS_FILE) ->
     return data
 
 
-def main(argv: list[str] | None = None) -> None:
+def executors() -> list[str]:
+    return _options("executor")
+
+
+def build_executor(name: str, overrides: list[str] = ()) -> Any:
+    """The executor ``conf/executor/<name>.yaml`` builds, with ``executor.*`` overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    valid = executors()
+    if name not in valid:
+        raise ConfigError(f"--executor {name}: valid executors are {', '.join(valid)}")
+    with initialize_config_dir(config_dir=str(_conf_dir()), version_base=None):
+        cfg = compose(config_name=GRID_CONFIG, overrides=[f"+executor={name}", *overrides])
+    return instantiate(cfg.executor, _convert_="all")
+
+
+def run_main(argv: list[str]) -> int:
+    """``python -m prunegrid.grid run``: write params.yaml, then run the grid with an executor."""
+    parser = ArgumentParser(prog="python -m prunegrid.grid run",
+                            description="Run the grid: write params.yaml from conf/grid.yaml, run every stage of "
+                                        "dvc.yaml with an executor (local: `dvc repro` here; ray: Ray tasks), then "
+                                        "the report.")
+    parser.add_argument("overrides", nargs="*", help="grid.* overrides of conf/grid.yaml and executor.* "
+                                                     "overrides of conf/executor/<name>.yaml")
+    parser.add_argument("--executor", default="local", help="conf/executor/<name>.yaml: local (dvc repro here, the default) or ray")
+    parser.add_argument("--address", default=None, help="Ray: the cluster to join (auto, host:6379, "
+                                                        "ray://host:10001); default: start Ray here")
+    args = parser.parse_args(argv)
+    mine = [o for o in args.overrides if o.lstrip("+~").startswith("executor.")]
+    rest = [o for o in args.overrides if o not in mine]
+    if args.address:
+        mine.append(f"executor.address={args.address}")
+    with guard():
+        from prunegrid.data.fetch import fetch
+
+        executor = build_executor(args.executor, mine)
+        root = _conf_dir().parent
+        fetch(root / "data" / "fashion_mnist", root)
+        data = write_params(rest)
+        print(f"{PARAMS_FILE}: {len(cells(data['grid']))} cells; executor {args.executor}", file=sys.stderr)
+        return executor.run(root)
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        return run_main(argv[1:])
     parser = ArgumentParser(prog="python -m prunegrid.grid",
                             description="Write params.yaml (the grid lists for dvc.yaml) from conf/grid.yaml.")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.seeds=[1,2,3] +experiment=paper_grid")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.seeds=[1,2,3] +experiment=paper_grid "
+                                                     "(`python -m prunegrid.grid run --help`: run the grid too)")
     parser.add_argument("--output", default=PARAMS_FILE, help=f"file to write (default: {PARAMS_FILE})")
     args = parser.parse_args(argv)
     with guard():  # also Hydra's errors about the overrides (unknown key, bad syntax)

@@ -236,6 +236,44 @@ def num_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+LOCK_AUTO = "auto"
+
+
+def lock_path(setting: str | None) -> Path | None:
+    """The node-wide measurement lock of ``measure.lock``: ``auto`` is one file in this machine's
+    temporary folder (every cell on the machine takes the same one); null/empty: no lock."""
+    import tempfile
+
+    if not setting or str(setting).lower() in ("none", "null", "false", "off"):
+        return None
+    if str(setting) == LOCK_AUTO:
+        return Path(tempfile.gettempdir()) / "prunegrid-measure.lock"
+    return Path(str(setting)).expanduser()
+
+
+@contextmanager
+def exclusive(setting: str | None) -> Iterator[dict[str, float]]:
+    """Hold the machine's measurement lock (:func:`lock_path`) while timing, so two cells running on
+    one node (Ray tasks, parallel jobs) never time latency or memory on the same cores at once.
+    Yields ``{"wait_s", "start", "end"}``: seconds spent waiting, and the held window (epoch seconds)."""
+    from filelock import FileLock
+
+    path = lock_path(setting)
+    window = {"wait_s": 0.0, "start": time.time(), "end": 0.0}
+    if path is None:
+        yield window
+        window["end"] = time.time()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with FileLock(str(path)):
+        window.update(wait_s=time.perf_counter() - t0, start=time.time())
+        try:
+            yield window
+        finally:
+            window["end"] = time.time()
+
+
 def resolve_device(device: str | None = "auto", model: nn.Module | None = None, input_size: int | None = None) -> str:
     """``auto``: ``cuda`` when a GPU is visible, else ``cpu``. With ``model``, a model that cannot run
     on the GPU (an INT8 CPU kernel) falls back to ``cpu``."""

@@ -425,7 +425,9 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
     commit = tracking.git_commit(Path(__file__).parent)
     tags = {**c.cell, **tracking.source_tags(commit), tracking.TAG_RUN_KIND: "cell", "git_commit": commit,
             "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running",
-            TAG_REF_PRUNE: c.method.reference, tracking.TAG_CONFIG_MD5: config_md5}
+            TAG_REF_PRUNE: c.method.reference, tracking.TAG_CONFIG_MD5: config_md5,
+            tracking.TAG_HOST: tracking.host_name(), **_baseline_tags(c, cfg),
+            **{str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()}}
     exp = cfg.tracking.get("experiment") or c.cell["dataset"]
     c.tracker = tracking.Tracker(cfg.tracking.get("uri"), exp, tracking.run_name(c.cell), tags)
     resume_id = c.tracker.resumable(config_md5) if cfg.get("resume") else None
@@ -437,6 +439,7 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         c.logger = tr.lightning_logger()
         if resume_id:
             c.logger.restore()
+            tr.set_tags({str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()})
         else:
             _log_dataset(c, tr)
         ctx = c.context()
@@ -456,9 +459,12 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         net, baseline_net = net.cpu(), baseline_net.cpu()
         model_path = measure.save_model(net, tr.artifact_dir / tracking.MODEL_FILE)
         tr.log_artifact(model_path, tracking.ARTIFACT_MODEL_DIR)
-        with sysm.paused():
+        tr.set_tags({tracking.TAG_MODEL_MD5: tracking.file_md5(model_path)})
+        with sysm.paused(), measure.exclusive(cfg.measure.get("lock")) as window:
             metrics.update(measure_model(net, baseline_net, model_path, method=c.method, input_size=c.input_size,
                                          mcfg=cfg.measure, tr=tr))
+        metrics["time/measure_wait_s"] = window["wait_s"]
+        tr.set_tags({tracking.TAG_MEASURE_WINDOW: f"{window['start']:.3f}-{window['end']:.3f}"})
         if cfg.tracking.get("log_model", True):
             _log_mlflow_model(c, tr, net)
         metrics.update(fit_metrics(c.fits, c.budget))
@@ -475,6 +481,8 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
             tr=tr, baseline_ckpt=c.method.baseline_ckpt, stand_in=stand_in))
         result = CellResult(metrics, tr.run_id, model_path, test, list(c.fits))
         _write_outputs(cfg, net, result, c.cell)
+        if cfg.paths.get("metrics_out"):
+            tr.log_artifact(cfg.paths.metrics_out, tracking.ARTIFACT_OUTPUTS)
     shutil.rmtree(c.checkpoints, ignore_errors=True)
     _summary(c.cell, result, tr.uri)
     return result
@@ -514,8 +522,16 @@ def _log_mlflow_model(c: Cell, tr: tracking.Tracker, net: nn.Module) -> None:
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:
     """The run's params: the whole resolved config, flattened, without ``resume`` (an instruction,
-    not a setting: a resumed run keeps the params it started with)."""
-    return {k: v for k, v in flatten(cfg).items() if k != "resume"}
+    not a setting: a resumed run keeps the params it started with) and ``tracking.tags`` (tags of
+    this attempt, such as the Ray grid's, logged as tags)."""
+    return {k: v for k, v in flatten(cfg).items() if k != "resume" and not k.startswith("tracking.tags.")}
+
+
+def _baseline_tags(c: Cell, cfg: DictConfig) -> dict[str, str]:
+    """``baseline_md5``: the md5 of the baseline model file this cell read (``prune.baseline_ckpt``, or
+    ``budget.match`` for a method trained from scratch), to match with that run's ``model_md5``."""
+    path = c.method.baseline_ckpt or cfg.budget.get("match")
+    return {tracking.TAG_BASELINE_MD5: tracking.file_md5(path)} if path and Path(path).is_file() else {}
 
 
 def _write_outputs(cfg: DictConfig, net: nn.Module, result: CellResult, cell: dict[str, str]) -> None:
@@ -529,8 +545,10 @@ def _write_outputs(cfg: DictConfig, net: nn.Module, result: CellResult, cell: di
 
 
 def _write_output_files(cfg: DictConfig, net: nn.Module, result: CellResult, cell: dict[str, str]) -> None:
-    if cfg.paths.get("model_out"):
-        measure.save_model(net, cfg.paths.model_out)
+    if cfg.paths.get("model_out"):  # the very file that was measured and logged (its model_md5)
+        out = Path(cfg.paths.model_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.model_path, out)
     if cfg.paths.get("weights_out"):
         out = Path(cfg.paths.weights_out)
         out.parent.mkdir(parents=True, exist_ok=True)

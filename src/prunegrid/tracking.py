@@ -79,6 +79,28 @@ ARTIFACT_CURVES = "curves.png"
 ARTIFACT_REPORT = "classification_report.txt"
 ARTIFACT_MODEL_DIR = "model"
 MODEL_FILE = "model.pt"
+ARTIFACT_OUTPUTS = "outputs"             # the cell's paths.metrics_out JSON, as DVC's metrics file holds it
+TAG_HOST = "host"                        # the machine the cell ran (and was timed) on
+TAG_MODEL_MD5 = "model_md5"              # md5 of the final model file (model/model.pt = paths.model_out)
+TAG_BASELINE_MD5 = "baseline_md5"        # md5 of the baseline model the cell read (prune.baseline_ckpt, budget.match)
+TAG_MEASURE_WINDOW = "measure_window"    # "<start>-<end>" epoch seconds the cell held the node's measurement lock
+
+
+def host_name() -> str:
+    """This machine's name, as runs record it (``host`` tag)."""
+    import socket
+
+    return socket.gethostname()
+
+
+def file_md5(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 REQUIRED_ARTIFACTS = (ARTIFACT_CONFIG, ARTIFACT_CONFUSION, ARTIFACT_CURVES, ARTIFACT_REPORT,
                       f"{ARTIFACT_MODEL_DIR}/{MODEL_FILE}")
 
