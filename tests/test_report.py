@@ -377,3 +377,31 @@ def test_registry_alias_is_the_best_validation_run_not_the_best_test_run(store, 
     g.build(uri, [name], tmp_path / "rep2", ui=None)                  # same best models: no new versions
     assert len(client.search_model_versions(f"name = '{registered}'")) == 2
     assert "unchanged" in capsys.readouterr().out
+
+
+def test_timings_are_not_compared_across_hosts(store, tmp_path):
+    """Cells of a Ray grid ran on two machines: no relative column mixes two hosts' timings, no mean of
+    absolute times over seeds timed on different hosts, one latency panel per host."""
+    from prunegrid.report import figures
+
+    uri, client, exp = store
+    placed = {("none", 1): "node-a", ("channel", 1): "node-b", ("none", 2): "node-a", ("channel", 2): "node-a"}
+    for (prune, seed), host in placed.items():
+        fast = prune == "channel"
+        rid = log_run(client, exp, prune, seed=seed, **{"time__epoch_s": 5 if fast else 10,
+                                                         "time__infer_ms": 1.0 if fast else 2.0})
+        client.set_tag(rid, tracking.TAG_HOST, host)
+    table = g.build(uri, ["test_timings_are_not_compared_across_hosts"], tmp_path / "rep", ui=None)
+    ch = table[table.prune == "channel"].set_index("seed")
+    assert pd.isna(ch.loc["1", "epoch_speedup"]) and pd.isna(ch.loc["1", "infer_speedup"])  # node-b vs node-a
+    assert ch.loc["2", "epoch_speedup"] == pytest.approx(2.0) and ch.loc["2", "infer_speedup"] == pytest.approx(2.0)
+    assert list(ch["host"]) == ["node-b", "node-a"]
+    means = pd.read_csv(tmp_path / "rep" / "grid.csv").set_index("prune")
+    assert pd.isna(means.loc["channel", "infer_ms"]) and pd.isna(means.loc["channel", "epoch_s"])
+    assert means.loc["none", "infer_ms"] == pytest.approx(2.0)                  # both seeds on node-a
+    md = (tmp_path / "rep" / "grid.md").read_text()
+    assert "Timed on 2 hosts (node-a, node-b)" in md and g.CROSS_HOST in md
+    fig = figures.tradeoff_figure(means.reset_index().assign(infer_ms=[2.0, 1.0], host=["node-a", "node-b"]),
+                                  "infer_ms", "latency", by="host")
+    assert [ax.get_title().split(": ")[0] for ax in fig.axes] == ["Accuracy vs latency (timed on node-a)",
+                                                                  "Accuracy vs latency (timed on node-b)"]

@@ -254,7 +254,7 @@ def run_stage(stage: Stage, ctx: TaskContext, *upstream: dict[str, Any]) -> dict
         env = {**os.environ, **ctx.env, "MLFLOW_TRACKING_URI": ctx.tracking_uri,
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                "PYTHONPATH": os.pathsep.join([str(code / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        log_file = Path(ctx.log_dir) / f"{stage.name}.attempt{attempt}.log"
+        log_file = Path(ctx.log_dir) / f"{stage.name}.{time.strftime('%H%M%S')}-{os.getpid()}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "wb") as out:
             proc = subprocess.run(["bash", "-c", cmd], cwd=scratch, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -202,14 +202,15 @@ def executors() -> list[str]:
 def build_executor(name: str, overrides: list[str] = ()) -> Any:
     """The executor ``conf/executor/<name>.yaml`` builds, with ``executor.*`` overrides."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+
+    from prunegrid.config import build
 
     valid = executors()
     if name not in valid:
         raise ConfigError(f"--executor {name}: valid executors are {', '.join(valid)}")
     with initialize_config_dir(config_dir=str(_conf_dir()), version_base=None):
         cfg = compose(config_name=GRID_CONFIG, overrides=[f"+executor={name}", *overrides])
-    return instantiate(cfg.executor, _convert_="all")
+    return build(cfg.executor)
 
 
 def run_main(argv: list[str]) -> int:

@@ -432,7 +432,7 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, fini
         return pd.DataFrame()
     out = df[["run_id", "status", "experiment_id", "start_time"]].copy()
     out["run_name"] = df.get("tags.mlflow.runName", "")
-    for t in (*TAGS, "ref_prune"):
+    for t in (*TAGS, "ref_prune", TAG_HOST):
         out[t] = df[f"tags.{t}"].fillna("") if f"tags.{t}" in df else ""
     for col, values in extra.items():
         out[col] = values[df.index]

@@ -51,12 +51,21 @@ def label(r: pd.Series, table: pd.DataFrame, keys=("backbone", "dataset", "loss"
     return "/".join([str(r["prune"]), *(str(r[k]) for k in keys if table[k].nunique() > 1)])
 
 
-def tradeoff_figure(means: pd.DataFrame, x: str, xlabel: str, log: bool = False):
+def tradeoff_figure(means: pd.DataFrame, x: str, xlabel: str, log: bool = False, by: str | None = None):
     """Accuracy (``acc``) against ``x``: one point per cell with error bars over seeds, and the
     Pareto front (higher accuracy, lower ``x``) of each dataset × loss as a line labelled
-    :data:`FRONT_LABEL`. Cells without a positive ``x`` are left out."""
+    :data:`FRONT_LABEL`. Cells without a positive ``x`` are left out. ``by`` (a column, e.g. the host
+    a latency was timed on): one panel per value, so values of different panels are never compared."""
     shown = means[(pd.to_numeric(means[x], errors="coerce") > 0) & means["acc"].notna()]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    panels = list(shown.groupby(by, sort=True)) if by and shown[by].nunique() > 1 else [(None, shown)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5), squeeze=False)
+    for ax, (value, part) in zip(axes[0], panels):
+        _tradeoff(ax, part, x, xlabel, log, f" (timed on {value})" if value is not None else "")
+    fig.tight_layout()
+    return fig
+
+
+def _tradeoff(ax, shown: pd.DataFrame, x: str, xlabel: str, log: bool, where: str) -> None:
     for prune, g in shown.groupby("prune", sort=False):
         ax.errorbar(g[x], g["acc"], xerr=_std(g, x), yerr=_std(g, "acc"), fmt="o", capsize=3, label=prune, zorder=3)
     for _, r in shown.iterrows():
@@ -69,12 +78,10 @@ def tradeoff_figure(means: pd.DataFrame, x: str, xlabel: str, log: bool = False)
     if log and len(shown):
         ax.set_xscale("log")
     ax.set(xlabel=xlabel, ylabel="test accuracy (mean ± std over seeds)",
-           title=f"Accuracy vs {xlabel}: Pareto front = no cell both more accurate and cheaper")
+           title=f"Accuracy vs {xlabel}{where}: Pareto front = no cell both more accurate and cheaper")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
 
 
 def front_points(fig) -> set[tuple[float, float]]:

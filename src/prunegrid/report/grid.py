@@ -12,13 +12,19 @@ with rows of the same backbone, dataset, loss and seed:
 - ``params_reduction_pct = 100 * (1 - params_nonzero / none.params_nonzero)``: non-zero
   parameters, so unstructured sparsity counts; ``params`` (dense) shows whether tensors shrank.
 - ``flops_reduction_pct = 100 * (1 - flops / none.flops)``
-- ``epoch_speedup = none.epoch_s / epoch_s`` (the epochs this run trained last).
+- ``epoch_speedup = none.epoch_s / epoch_s`` (the epochs this run trained last), only when both runs
+  ran on the same host (tag ``host``).
 - ``infer_speedup`` (eager PyTorch) and ``infer_speedup_onnx`` (ONNX Runtime): the run's own
   ``speedup/infer*`` metric, the median of round-by-round ratios of the dense baseline's time to
   the model's, timed in interleaved rounds in the same process, with its quartiles
   (``infer_speedup_q25``, ``infer_speedup_q75``). ``_mt`` and ``_batch`` variants are batch 1 on all
   cores and the benchmark batch. Speed-ups never compare across runtimes. Runs logged before
   these metrics existed fall back to ``baseline/infer_ms / infer_ms`` (no quartiles).
+
+Timings across machines (a grid on a Ray cluster): every speed-up is a ratio timed in one process on one
+host; a relative column that compares two runs (``epoch_speedup``, the latency fall-back) is left empty
+when their hosts differ; a cell whose seeds ran on several hosts gets no mean of its absolute times
+(:data:`HOST_TIMES`); the latency Pareto front is drawn per host, and the markdown names the hosts.
 
 ``grid.csv`` has one row per cell over seeds: each numeric column is the mean, ``<col>_std`` its
 standard deviation, with ``n_seeds``; ``grid_seeds.csv`` has the per-seed rows. The markdown
@@ -57,6 +63,10 @@ BUDGET = ["budget_epochs", "budget_images", "converged", "ref_prune", "ref_budge
 RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "acc_delta_pt_vs_base", "epoch_speedup",
             "infer_speedup"]
 OPTIONAL = list(tracking.GRID_OPTIONAL_METRICS)
+HOST = tracking.TAG_HOST
+# Absolute times, which only compare on one machine: not averaged over seeds that ran on different hosts.
+HOST_TIMES = ["train_s", "epoch_s", "infer_ms", "infer_ms_onnx", "infer_ms_iqr", "infer_ms_onnx_iqr", "train_total_s"]
+CROSS_HOST = "timed on several hosts: no mean of absolute times"
 SPEEDUPS = list(tracking.GRID_SPEEDUPS)  # infer_speedup, infer_speedup_mt, ..., infer_speedup_onnx_batch
 QUARTILES = ("_q25", "_q75")
 FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "curves.csv", "acc_vs_params.png",
@@ -102,6 +112,7 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
     if cells.empty:
         raise ReportError("no FINISHED runs with the cell tags (backbone, prune, dataset, loss, seed); run the grid first")
     out = cells[KEYS + ["run_id", "experiment_id"]].copy()
+    out[HOST] = cells[HOST].fillna("") if HOST in cells else ""
     for col, key in {**tracking.GRID_METRICS, **tracking.GRID_OPTIONAL_METRICS, **tracking.GRID_BUDGET_METRICS}.items():
         out[col] = pd.to_numeric(cells[key], errors="coerce") if key in cells else np.nan
     tags = cells[TAG_REF_PRUNE] if TAG_REF_PRUNE in cells else pd.Series("", index=cells.index)
@@ -110,7 +121,7 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
     out["_baseline_infer_ms"] = pd.to_numeric(same, errors="coerce")
 
     base = out[out["prune"] == BASELINE].set_index(JOIN)
-    b = out[JOIN].merge(base[["params_nonzero", "flops", "acc", "epoch_s", "infer_ms"]].add_prefix("b_"),
+    b = out[JOIN].merge(base[["params_nonzero", "flops", "acc", "epoch_s", "infer_ms", HOST]].add_prefix("b_"),
                         left_on=JOIN, right_index=True, how="left")
     b.index = out.index
     refs = out.set_index(JOIN + ["prune"])[["acc", "budget_epochs"]].add_prefix("r_")
@@ -122,8 +133,9 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
     out["flops_reduction_pct"] = 100 * (1 - _ratio(out["flops"], b["b_flops"]))
     out["acc_delta_pt"] = 100 * (out["acc"] - r["r_acc"])
     out["acc_delta_pt_vs_base"] = 100 * (out["acc"] - b["b_acc"])
-    out["epoch_speedup"] = _ratio(b["b_epoch_s"], out["epoch_s"])
-    base_ms = out["_baseline_infer_ms"].where(out["_baseline_infer_ms"] > 0, b["b_infer_ms"])
+    same_host = b["b_" + HOST] == out[HOST]
+    out["epoch_speedup"] = _ratio(b["b_epoch_s"], out["epoch_s"]).where(same_host)
+    base_ms = out["_baseline_infer_ms"].where(out["_baseline_infer_ms"] > 0, b["b_infer_ms"].where(same_host))
     for col, key in tracking.GRID_SPEEDUPS.items():
         for q in ("", *QUARTILES):
             out[col + q] = pd.to_numeric(cells[key + q], errors="coerce") if key + q in cells else np.nan
@@ -131,7 +143,7 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
 
     speedups = [c + q for c in SPEEDUPS for q in ("", *QUARTILES) if c + q not in RELATIVE and out[c + q].notna().any()]
     optional = [c for c in OPTIONAL + ["train_total_s"] if out[c].notna().any()]
-    out = out[BASE_COLUMNS + BUDGET + RELATIVE + speedups + optional + ["run_id", "experiment_id"]]
+    out = out[BASE_COLUMNS + BUDGET + RELATIVE + speedups + optional + [HOST, "run_id", "experiment_id"]]
     return _ordered(out, ["_s"], _s=pd.to_numeric(out["seed"], errors="coerce"))
 
 
@@ -146,7 +158,7 @@ def _ordered(table: pd.DataFrame, extra: list[str], **cols) -> pd.DataFrame:
 
 
 def _numeric(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c not in KEYS + ["run_id", "experiment_id", "ref_prune"]]
+    return [c for c in table.columns if c not in KEYS + ["run_id", "experiment_id", "ref_prune", HOST]]
 
 
 def seed_means(grid: pd.DataFrame) -> pd.DataFrame:
@@ -159,9 +171,12 @@ def seed_means(grid: pd.DataFrame) -> pd.DataFrame:
     out["n_seeds"] = g.size()
     out["seeds"] = g["seed"].agg(lambda s: " ".join(map(str, s)))
     out["ref_prune"] = g["ref_prune"].agg(lambda s: "/".join(dict.fromkeys(s)))
+    hosts = g[HOST].nunique() if HOST in grid else pd.Series(1, index=mean.index)
     for c in num:
-        out[c] = mean[c]
-        out[f"{c}_std"] = std[c]
+        out[c] = mean[c].where(hosts <= 1) if c in HOST_TIMES else mean[c]
+        out[f"{c}_std"] = std[c].where(hosts <= 1) if c in HOST_TIMES else std[c]
+    if HOST in grid:
+        out[HOST] = g[HOST].agg(lambda s: "/".join(dict.fromkeys(s)))
     return _ordered(out.reset_index(), [])
 
 
@@ -272,6 +287,8 @@ def notes(r: pd.Series) -> list[str]:
         if np.isfinite(r["budget_epochs"]) and np.isfinite(r["ref_budget_epochs"]) \
                 and r["budget_epochs"] != r["ref_budget_epochs"]:
             out.append(UNEQUAL)
+    if "/" in str(r.get(HOST, "")):
+        out.append(CROSS_HOST)
     if not is_baseline_family(r["prune"]):
         for col in ("infer_speedup", "infer_speedup_onnx"):
             mark = speed_mark(r, col)
@@ -339,6 +356,12 @@ def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None, ext
              "stopping (the rest hit the epoch cap); \"Pareto front\" marks the cells no other cell beats on both "
              "accuracy and non-zero parameters (params) or latency (`infer_ms`). See `prunegrid.report.grid`.", "",
              "| " + " | ".join(GROUP_KEYS + cols + ["notes"]) + " |", "|" + "---|" * (len(GROUP_KEYS) + len(cols) + 1)]
+    hosts = sorted({h for v in means.get(HOST, pd.Series(dtype=str)) for h in str(v).split("/") if h})
+    if len(hosts) > 1:
+        lines[2:2] = [f"Timed on {len(hosts)} hosts ({', '.join(hosts)}). Absolute times (`infer_ms`, `train_s`, ...) "
+                      "are figures of their own host and are not compared across hosts: the latency Pareto front is "
+                      "drawn per host, `epoch_speedup` is empty where a method and its baseline ran on different "
+                      "hosts, and every speed-up is a ratio timed in one process on one host.", ""]
     for _, r in means.iterrows():
         vals = [_summary_value(r, c) for c in cols]
         lines.append("| " + " | ".join([str(r[k]) for k in GROUP_KEYS] + vals + ["; ".join(notes(r))]) + " |")
@@ -366,7 +389,8 @@ def mark_fronts(means: pd.DataFrame) -> pd.DataFrame:
     means = means.copy()
     for (x, *_), col in zip(TRADEOFFS, ("pareto_params", "pareto_latency")):
         means[col] = False
-        for _, g in means.groupby(["dataset", "loss"], sort=False):
+        by = ["dataset", "loss"] + ([HOST] if col == "pareto_latency" and HOST in means else [])
+        for _, g in means.groupby(by, sort=False):
             cost = pd.to_numeric(g[x], errors="coerce")
             means.loc[g.index, col] = figures.pareto_mask(cost.where(cost > 0), g["acc"])
     return means
@@ -380,7 +404,8 @@ def plots(means: pd.DataFrame, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [figures.save(figures.tradeoff_figure(means, x, xlabel, log=log), out / name)
+    paths = [figures.save(figures.tradeoff_figure(means, x, xlabel, log=log,
+                                                  by=HOST if x == "infer_ms" and HOST in means else None), out / name)
              for x, name, xlabel, log in TRADEOFFS]
     labels = [_label(r, means) for _, r in means.iterrows()]
     fig, axes = plt.subplots(1, len(RELATIVE), figsize=(3.2 * len(RELATIVE), 4), sharey=False)
