@@ -338,9 +338,9 @@ class RayExecutor:
                               "(python -m prunegrid.data.fetch, or dvc pull)")
         stages, report = plan(project)
         runtime_env = {"working_dir": str(project), "excludes": RAY_EXCLUDES}
-        init: dict[str, Any] = {"address": self.address, "runtime_env": runtime_env, "log_to_driver": False,
-                                "configure_logging": False}
-        if self.address is None:
+        init: dict[str, Any] = {"address": self.address or "local", "runtime_env": runtime_env,
+                                "log_to_driver": False, "configure_logging": False}
+        if self.address is None:  # a Ray of its own, even where a cluster runs (`ray start`)
             init.update(num_cpus=self.num_cpus, include_dashboard=False)
         ray.init(**init)
         try:
