@@ -90,3 +90,22 @@ def all_group_params():
 
     return [(g, o) for g in GROUPS for o in options(g)]
 
+
+
+@pytest.fixture(scope="session")
+def head(tmp_path_factory):
+    """A head on loopback for the scale-out tests: PostgreSQL + an MLflow server on it (free ports)."""
+    import shutil
+
+    from prunegrid import head as head_mod
+
+    folder = tmp_path_factory.mktemp("head")
+    info = head_mod.start(folder, mlflow_port=0, pg_port=0)
+    yield info
+    head_mod.stop(folder)
+    state = head_mod._load(folder) or {}
+    for key in ("pg_data", "pg_socket"):
+        if state.get(key) and not Path(state[key]).is_relative_to(folder):
+            shutil.rmtree(state[key], ignore_errors=True)
+    if state.get("pg_log"):
+        Path(state["pg_log"]).unlink(missing_ok=True)
