@@ -84,13 +84,13 @@ def plan(project: Path) -> tuple[list[Stage], Stage | None]:
         graph = repo.index.graph
         order = [s for s in reversed(list(nx.topological_sort(graph))) if isinstance(s, PipelineStage)]
         with repo.lock:
-            changed = {s.addressing: s.changed() for s in order}
+            changed = {s.name: s.changed() for s in order}
         stages, report = [], None
         for s in order:
-            ups = [u.addressing for u in graph.successors(s) if isinstance(u, PipelineStage)]
-            stage = Stage(s.addressing, s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd),
-                          [str(o.def_path) for o in s.outs], ups, changed[s.addressing])
-            if s.addressing == REPORT_STAGE:
+            ups = [u.name for u in graph.successors(s) if isinstance(u, PipelineStage)]
+            stage = Stage(s.name, s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd),
+                          [str(o.def_path) for o in s.outs], ups, changed[s.name])
+            if s.name == REPORT_STAGE:
                 report = stage
             else:
                 stages.append(stage)
