@@ -28,6 +28,7 @@ ENTRY_POINTS = {
     "prunegrid.data.fetch": "Fashion-MNIST",
     "prunegrid.ui": "MLflow UI",
     "prunegrid.progress": "counting",
+    "prunegrid.head": "PostgreSQL",
 }
 
 

@@ -226,3 +226,9 @@ def test_bad_executor_is_one_line(args, message, tmp_path):
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_grid_run_help_names_the_executors():
+    res = subprocess.run([sys.executable, "-m", "prunegrid.grid", "run", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, env=_env())
+    assert res.returncode == 0 and "--executor" in res.stdout and "--address" in res.stdout
