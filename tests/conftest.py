@@ -100,12 +100,20 @@ def head(tmp_path_factory):
     from prunegrid import head as head_mod
 
     folder = tmp_path_factory.mktemp("head")
-    info = head_mod.start(folder, mlflow_port=0, pg_port=0)
+
+    def down():
+        head_mod.stop(folder)
+        state = head_mod._load(folder) or {}
+        for key in ("pg_data", "pg_socket"):  # the cluster may live outside the tmp folder (see prunegrid.head)
+            if state.get(key) and not Path(state[key]).is_relative_to(folder):
+                shutil.rmtree(state[key], ignore_errors=True)
+        if state.get("pg_log"):
+            Path(state["pg_log"]).unlink(missing_ok=True)
+
+    try:
+        info = head_mod.start(folder, mlflow_port=0, pg_port=0)
+    except BaseException:
+        down()
+        raise
     yield info
-    head_mod.stop(folder)
-    state = head_mod._load(folder) or {}
-    for key in ("pg_data", "pg_socket"):
-        if state.get(key) and not Path(state[key]).is_relative_to(folder):
-            shutil.rmtree(state[key], ignore_errors=True)
-    if state.get("pg_log"):
-        Path(state["pg_log"]).unlink(missing_ok=True)
+    down()

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from prunegrid import head as head_mod
+from prunegrid.errors import ConfigError
 
 
 def test_runs_and_artifacts_go_to_postgres_and_the_artifact_folder(head, tmp_path):
@@ -48,28 +49,47 @@ def test_an_optuna_study_is_shared_through_postgres(head):
 
 
 def test_unknown_host_header_is_refused(head):
-    req = urllib.request.Request(f"{head.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1",
-                                 headers={"Host": "evil.example:80"})
+    url = f"{head.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=10)
-    assert 400 <= err.value.code < 500
-    ok = urllib.request.urlopen(f"{head.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
-    assert ok.status == 200
+        urllib.request.urlopen(urllib.request.Request(url, headers={"Host": "evil.example:80"}), timeout=10)
+    assert err.value.code == 403  # MLflow's DNS-rebinding guard
+    with urllib.request.urlopen(url, timeout=10) as ok:
+        assert ok.status == 200
 
 
 def test_start_is_idempotent_and_status_reports_it(head):
-    again = head_mod.start(head.dir)
-    assert again == head
+    assert {head.mlflow_port, head.pg_port}.isdisjoint({5000, 5432})  # port 0: free ports, not the defaults
+    assert head_mod.start(head.dir) == head
     assert head_mod.status(head.dir) == head
-    lines = head_mod.env_lines(head)
-    assert lines == [f"export MLFLOW_TRACKING_URI={head.tracking_uri}",
-                     f"export PRUNEGRID_OPTUNA_STORAGE={head.optuna_storage}"]
+    res = subprocess.run([sys.executable, "-m", "prunegrid.head", "start", "--dir", head.dir],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"export MLFLOW_TRACKING_URI={head.tracking_uri}",
+                                       f"export PRUNEGRID_OPTUNA_STORAGE={head.optuna_storage}"]
+    assert res.stdout.splitlines() == head_mod.env_lines(head)
+    assert f"MLflow UI and API: {head.tracking_uri}" in res.stderr
+    with pytest.raises(ConfigError, match="running with other --host"):
+        head_mod.start(head.dir, host="0.0.0.0")
+
+
+def test_stop_then_status_says_not_running_and_start_reuses_the_data(head):
+    client = MlflowClient(head.tracking_uri)
+    exp = client.create_experiment("kept-across-restarts")
+    assert head_mod.stop(head.dir) is True
+    assert head_mod.status(head.dir) is None
+    res = subprocess.run([sys.executable, "-m", "prunegrid.head", "status", "--dir", head.dir],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "no head running" in res.stderr
+    assert head_mod.stop(head.dir) is False
+    assert head_mod.start(head.dir) == head  # the same ports, password and artifact folder
+    assert MlflowClient(head.tracking_uri).get_experiment_by_name("kept-across-restarts").experiment_id == exp
 
 
 @pytest.mark.parametrize("args, message", [
     (["start", "--port", "notanumber"], "--port"),
     (["start", "--dir", "/proc/prunegrid-head"], "cannot write there"),
     (["start", "--port", "70000", "--dir", "{tmp}"], "must be a port number"),
+    (["start", "--host", "a b", "--dir", "{tmp}"], "not an address"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path / "h")) for a in args]
