@@ -192,6 +192,8 @@ def _sweeper(overrides: list[str]):
     (["hydra.sweeper.direction=[maximize,minimize]"], "gives 2 direction(s) for 1"),
     (["hydra.sweeper.direction=up"], "'up' must be maximize or minimize"),
     (["hydra.sweeper.n_trials=0"], "n_trials=0 must be a positive integer"),
+    (["hydra.sweeper.max_complete=0"], "hydra.sweeper.max_complete=0 must be a positive integer or null"),
+    (["hydra.sweeper.max_complete=3", "hydra.sweeper.storage=null"], "max_complete=3 counts every worker's trials"),
     (["prune=none"], "sweep parameter 'prune.amount' is not in the config (prune=none)"),
 ])
 def test_the_sweepers_mistakes_are_one_line(overrides, message, tmp_path, capsys):
@@ -287,6 +289,17 @@ def test_every_preset_composes_and_chooses_on_validation(name):
     assert space, f"{name} has no search space"
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     assert all(OmegaConf.select(task, k, default="__absent__") != "__absent__" for k in space), name
+
+
+@pytest.mark.parametrize("overrides", [["sweep=l1"], ["sweep=channel_pareto"], ["hydra/sweeper=optuna"]])
+def test_the_storage_is_the_heads_when_it_is_exported(overrides, monkeypatch):
+    url = "postgresql+psycopg2://prunegrid:secret@head:5432/optuna"
+    monkeypatch.delenv(sweep.STORAGE_ENV, raising=False)
+    assert _compose(overrides).hydra.sweeper.storage == sweep.DEFAULT_STORAGE
+    monkeypatch.setenv(sweep.STORAGE_ENV, url)
+    cfg = _compose(overrides)
+    assert cfg.hydra.sweeper.storage == url and cfg.hydra.sweeper.max_complete is None
+    assert sweep.redact(url) == "postgresql+psycopg2://prunegrid:***@head:5432/optuna"
 
 
 def test_plain_runs_compose_as_before():

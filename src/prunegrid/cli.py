@@ -109,10 +109,41 @@ def precheck(argv: list[str]) -> None:
             compose(overrides)
 
 
+class JobExit(Exception):
+    """What :func:`guard` raises instead of exiting when it runs in a Ray task (a job of Hydra's Ray
+    launcher): ``sys.exit`` there kills the Ray worker, and Ray runs the task again. As an ``Exception``
+    it ends the job as a failed ``JobReturn`` instead. ``code``: the exit code; ``line``: the message."""
+
+    def __init__(self, code: int, line: str = ""):
+        super().__init__(code, line)
+        self.code, self.line = int(code), line
+
+    def __str__(self) -> str:
+        return self.line or f"exit {self.code}"
+
+
+def in_ray_task() -> bool:
+    """This process is a Ray worker (it runs Ray tasks), not a driver."""
+    if "ray" not in sys.modules:
+        return False
+    try:
+        from ray._private.worker import WORKER_MODE, global_worker
+    except ImportError:
+        return False
+    return global_worker.mode == WORKER_MODE
+
+
+def _exit(code: int, line: str) -> NoReturn:
+    if in_ray_task():
+        raise JobExit(code, line) from None
+    sys.exit(code)
+
+
 @contextmanager
 def guard() -> Iterator[None]:
     """Turn a user error (:func:`is_user_error`, also when raised inside a worker) into a one-line exit 2,
-    and SIGINT/SIGTERM (:class:`~prunegrid.interrupt.Interrupted`) into one line and exit ``128 + signal``."""
+    and SIGINT/SIGTERM (:class:`~prunegrid.interrupt.Interrupted`) into one line and exit ``128 + signal``
+    (in a Ray task, :class:`JobExit` instead of the exit)."""
     from prunegrid.interrupt import Interrupted
 
     try:
@@ -120,8 +151,8 @@ def guard() -> Iterator[None]:
     except Interrupted as exc:
         print(f"prunegrid: {exc}; the run is KILLED and its checkpoints are kept (continue it with resume=true)",
               file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _exit(exc.exit_code, str(exc))
     except Exception as exc:
         if not is_user_error(exc) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        fail(exc)
+        _exit(error_line(exc), message(exc))

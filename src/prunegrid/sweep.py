@@ -11,7 +11,17 @@ sweeper 1.3 pins optuna<3). It uses what this module defines:
 - :func:`open_storage` / :func:`create_study`: any Optuna database URL, with a heartbeat (a trial
   left RUNNING by a process killed outright becomes FAIL and is retried); the same storage and
   study name load the study, and a resumed study's sampler is re-seeded so it does not replay the
-  first trials' values.
+  first trials' values. The presets' storage is ``$PRUNEGRID_OPTUNA_STORAGE`` (the PostgreSQL URL
+  that ``python -m prunegrid.head start`` prints), else ``sqlite:///optuna.db``.
+- Several workers on one study (``hydra.sweeper.max_complete``): start the same sweep command in
+  several processes or on several machines against one database storage; together they end with
+  exactly ``max_complete`` COMPLETE trials (surplus trials of a race are FAIL with user attribute
+  ``surplus`` and never run) under one parent run. Each worker may itself run its batches on Ray:
+  ``hydra/launcher=ray hydra.sweeper.n_jobs=4`` (a Ray started here; with
+  ``hydra.launcher.ray.init.address=auto``, or ``hydra/launcher=ray_cluster`` as a plain multirun
+  needs, it joins a running cluster). Jobs in Ray workers reopen
+  their trial from the storage by its id, so they are pruned as in-process ones
+  (:func:`follow_task_threads`: torch there uses the CPUs of the task).
 - :func:`requeue_interrupted`: a trial that SIGINT/SIGTERM ended is FAIL with user attribute
   ``interrupted``; the next sweep on the study first runs it again with the same values and
   ``resume=true``, so its KILLED MLflow run continues from its checkpoints.
@@ -43,6 +53,7 @@ from prunegrid.config import build, cell
 from prunegrid.errors import ConfigError
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+STORAGE_ENV = "PRUNEGRID_OPTUNA_STORAGE"  # the presets' and the sweeper's storage when set (a shared database)
 OBJECTIVE_KEYS = (tracking.VAL_FINAL_METRICS + tracking.MODEL_METRICS + tracking.TIME_METRICS + tracking.ONNX_METRICS
                   + tracking.EXPLAIN_METRICS)
 PRUNING_MONITOR = "val/acc"
@@ -50,9 +61,12 @@ PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 INTERRUPTED_ATTR = "interrupted"     # a trial ended by SIGINT/SIGTERM: the signal's name
 RESUMES_ATTR = "resumes_trial"       # a trial that re-runs an interrupted one (its number), with resume=true
+STOP_ATTR = "stop"                   # the sweep was interrupted: the job (in another process) stops at its next validation
+SURPLUS_ATTR = "surplus"             # max_complete: a trial asked in a race that the study had no slot for (FAIL)
 VERSION_ATTR = "registered_version"  # study user attr "registered_version:<trial>": its model's registry version
 PARENT_PENDING = "pending"            # the study's creator is making the parent run
 PARENT_WAIT_S, PARENT_GRACE_S = 120, 2.0
+PARENT_FRESH_S = 30.0                 # a joined study with no trials and no mark yet: its creator marks it now
 
 # The trial of the job running in this process (the sweeper sets it), and the MLflow run id that
 # objective_values() saw last (the sweeper reads it back).
@@ -64,7 +78,9 @@ class OptunaPruning(Callback):
 
     Steps count validations over the whole trial (fit and fine-tuning), so a method's
     fine-tuning continues the curve instead of repeating its steps. Without an active trial (a
-    job run outside the sweeper's process) it does nothing.
+    job run outside a sweep) it does nothing. A trial whose sweep was interrupted while its job ran
+    in another process (user attribute ``stop``: the signal's name) ends there as if that process
+    had received the signal: the run is KILLED with its checkpoints, and the next sweep resumes it.
     """
 
     def __init__(self, monitor: str = PRUNING_MONITOR):
@@ -78,6 +94,13 @@ class OptunaPruning(Callback):
         _active["run_id"] = _active["run_id"] or getattr(trainer.logger, "version", None) or None  # a pruned trial's run
         step = _active["step"]
         _active["step"] += 1
+        stop = trial.storage.get_trial_user_attrs(trial._trial_id).get(STOP_ATTR)  # fresh: trial.user_attrs is cached
+        if stop:
+            import signal
+
+            from prunegrid.interrupt import Interrupted
+
+            raise Interrupted(signal.Signals[stop])
         trial.report(value, step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"{self.monitor}={value:.4f} at validation {step}")
@@ -112,22 +135,72 @@ def objective_values(result: Mapping[str, float], keys: list[str]) -> float | li
 # -- study --------------------------------------------------------------------------------------
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage with a heartbeat (killed trials become FAILED and are retried); a fresh
-    SQLite file is created by one process at a time."""
+    SQLite file is created by one process at a time (and waits up to a minute for another's write),
+    and workers that open a fresh server database at once retry when they race to create its tables."""
     import inspect
+    import time
     import warnings
+
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
     kw = ("heartbeat_stale_trial_callback"
           if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
           else "failed_trial_callback")
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings(), tracking.store_lock(url):
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, engine_kwargs=engine,
+                                                  **{kw: retry(max_retry=2)})
+        except (IntegrityError, ProgrammingError):  # another worker created the tables at the same moment
+            if attempt == 2:
+                raise
+            time.sleep(0.5 + attempt)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"cannot open sweep storage '{redact(url)}' ({reason[:200]}); give a writable database "
+                              f"URL, e.g. hydra.sweeper.storage={DEFAULT_STORAGE}") from exc
+    raise AssertionError("not reached")
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, to print."""
     try:
-        with warnings.catch_warnings(), tracking.store_lock(url):
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, **{kw: retry(max_retry=2)})
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"cannot open sweep storage '{url}' ({reason[:200]}); give a writable database URL, "
-                          f"e.g. hydra.sweeper.storage={DEFAULT_STORAGE}") from exc
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def absolute_url(url: str) -> str:
+    """``url`` with a relative SQLite path made absolute (from the current folder), for jobs that run
+    in other processes (a Ray worker's folder may differ); other URLs as they are."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return url
+    path = Path(parsed.database).expanduser()
+    if path.is_absolute():
+        return url
+    return parsed.set(database=str(path.resolve())).render_as_string(hide_password=False)
+
+
+def follow_task_threads() -> None:
+    """Torch's intra-op threads from ``OMP_NUM_THREADS``: Ray sets it for each task to the CPUs the task
+    holds, but a Ray worker reused from an earlier task imported torch already, with the earlier value."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0 and "torch" in sys.modules:
+        import torch
+
+        if torch.get_num_threads() != int(threads):
+            torch.set_num_threads(int(threads))
 
 
 def instantiate(node: DictConfig | None, what: str, **kwargs: Any) -> Any:
@@ -174,6 +247,15 @@ def create_study(storage: optuna.storages.BaseStorage | None, study_name: str, d
     return study, created
 
 
+def reseed(study: optuna.Study, sampler: DictConfig | None, number: int) -> None:
+    """A seeded sampler (``sampler`` is its ``_target_`` node) re-seeded with ``seed + number``, where
+    ``number`` is that of the first trial this process asked for: unique to this process, so several
+    workers started together on one study (and re-runs) do not sample the same values."""
+    seed = sampler.get("seed") if sampler is not None else None
+    if seed is not None:
+        study.sampler = instantiate(sampler, "sampler", seed=int(seed) + int(number))
+
+
 def requeue_interrupted(study: optuna.Study) -> list[int]:
     """Queue again, with the same values, every trial that SIGINT/SIGTERM ended and no trial re-runs yet
     (its cell then resumes the KILLED MLflow run); the numbers of the trials queued."""
@@ -194,15 +276,20 @@ def complete(study: optuna.Study) -> int:
 def _parent_run(study: optuna.Study, cfg: DictConfig, created: bool, experiment: str | None = None) -> str:
     """The study's MLflow parent run (tag ``prunegrid.kind=sweep``), made once. The worker whose
     :func:`create_study` created the study marks it pending at once and makes the run; a worker that
-    joined waits for the run's id (up to :data:`PARENT_WAIT_S` while pending, a short grace otherwise:
-    a study made before the mark existed has none) and makes the run itself only when none comes.
-    ``cfg`` is a cell's config (its tracking URI, experiment and labels)."""
+    joined waits for the run's id (up to :data:`PARENT_WAIT_S` while pending; :data:`PARENT_FRESH_S`
+    for a study with no mark and no trials yet, which its creator is about to mark; a short grace
+    otherwise: a study made before the mark existed has none) and makes the run itself only when none
+    comes. ``cfg`` is a cell's config (its tracking URI, experiment and labels)."""
     import time
 
     run_id = study.user_attrs.get(PARENT_ATTR)
     if not created:
-        deadline = time.monotonic() + (PARENT_WAIT_S if run_id == PARENT_PENDING else PARENT_GRACE_S)
-        while run_id in (None, PARENT_PENDING) and time.monotonic() < deadline:
+        start = time.monotonic()
+        fresh = run_id is None and not study.get_trials(deepcopy=False)
+        while run_id in (None, PARENT_PENDING):
+            limit = PARENT_WAIT_S if run_id == PARENT_PENDING else PARENT_FRESH_S if fresh else PARENT_GRACE_S
+            if time.monotonic() - start >= limit:
+                break
             time.sleep(0.2)
             run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id and run_id != PARENT_PENDING:

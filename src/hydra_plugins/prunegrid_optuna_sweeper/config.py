@@ -17,11 +17,17 @@ class OptunaSweeperConf:
     pruner: Optional[Dict[str, Any]] = field(default_factory=lambda: {"_target_": "optuna.pruners.MedianPruner"})
     # maximize|minimize, or a list with one per optimized_metric key (a multi-objective study)
     direction: Any = "maximize"
-    # any Optuna database URL (sqlite:///..., postgresql://..., mysql://...); null: in memory, not kept
-    storage: Optional[str] = "sqlite:///optuna.db"
+    # any Optuna database URL (sqlite:///..., postgresql+psycopg2://..., mysql://...); null: in memory, not kept.
+    # Default: $PRUNEGRID_OPTUNA_STORAGE (`python -m prunegrid.head start` prints it), else optuna.db here
+    storage: Optional[str] = "${oc.env:PRUNEGRID_OPTUNA_STORAGE,sqlite:///optuna.db}"
     # the same storage and study_name load the study: a re-run adds n_trials trials to it
     study_name: Optional[str] = "${hydra.job.name}-${hydra.runtime.choices.prune}"
-    n_trials: int = 20        # trials this run adds (PRUNED and FAIL count)
+    n_trials: int = 20        # trials this run adds (PRUNED and FAIL count); unused with max_complete
+    # a study-wide target for several workers (processes on the same storage + study_name, started anywhere):
+    # each runs trials until the study holds exactly this many COMPLETE trials, every worker's counted; it
+    # waits while others' RUNNING trials may still complete and runs more when one FAILs or is PRUNED.
+    # null: n_trials decides
+    max_complete: Optional[int] = None
     n_jobs: int = 1           # trials asked for at once and handed to the launcher as one batch
     max_failure_rate: float = 0.0  # a batch with more FAIL trials than this share ends the sweep with the error
     # the search space: {key: "interval(0.1, 0.9)" | "tag(log, interval(1e-4, 1e-2))" | "int(interval(2, 12))" |

@@ -13,12 +13,14 @@ class OptunaSweeper(Sweeper):
 
     def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
                  n_trials: int, n_jobs: int, params: Optional[DictConfig], pruner: Optional[DictConfig] = None,
-                 max_failure_rate: float = 0.0, report_dir: str = "reports/sweeps") -> None:
+                 max_failure_rate: float = 0.0, report_dir: str = "reports/sweeps",
+                 max_complete: Optional[int] = None) -> None:
         from ._impl import OptunaSweeperImpl
 
         self.sweeper = OptunaSweeperImpl(sampler=sampler, direction=direction, storage=storage,
                                          study_name=study_name, n_trials=n_trials, n_jobs=n_jobs, params=params,
-                                         pruner=pruner, max_failure_rate=max_failure_rate, report_dir=report_dir)
+                                         pruner=pruner, max_failure_rate=max_failure_rate, report_dir=report_dir,
+                                         max_complete=max_complete)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
