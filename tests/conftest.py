@@ -91,6 +91,17 @@ def all_group_params():
     return [(g, o) for g in GROUPS for o in options(g)]
 
 
+def task_of(group: str, option: str) -> list[str]:
+    """``["task=<t>"]`` for an option made for a task other than classification (a detector, a
+    detection data set or loss), else nothing: the overrides that compose it."""
+    from prunegrid.config import DEFAULT_TASK, TASK_GROUPS
+
+    if group not in TASK_GROUPS:
+        return []
+    kind = next((t for t in options("task") if option in options(group, t)), DEFAULT_TASK)
+    return [] if kind == DEFAULT_TASK else [f"task={kind}"]
+
+
 
 @pytest.fixture(scope="session")
 def head(tmp_path_factory):

@@ -20,7 +20,7 @@ def make(option: str, input_size: int | None = None, num_classes: int = 3, **ove
     return build(cfg.backbone, num_classes=num_classes, input_size=size), size
 
 
-@pytest.mark.parametrize("option", options("backbone"))
+@pytest.mark.parametrize("option", options("backbone", "classification"))
 def test_forward_and_one_training_step_at_smallest_input(option):
     torch.manual_seed(0)
     net, size = make(option)
@@ -37,7 +37,7 @@ def test_forward_and_one_training_step_at_smallest_input(option):
     assert net.eval()(x).shape == (2, 3)
 
 
-@pytest.mark.parametrize("option", options("backbone"))
+@pytest.mark.parametrize("option", options("backbone", "classification"))
 def test_too_small_input_is_a_one_line_error(option):
     cfg = compose([f"backbone={option}"])
     too_small = max(1, int(cfg.backbone.min_input_size) // 4)

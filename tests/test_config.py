@@ -11,20 +11,21 @@ from omegaconf import OmegaConf
 
 from prunegrid.config import CELL_GROUPS, GROUPS, build, cell, compose, options
 from prunegrid.errors import ConfigError
-from tests.conftest import ROOT, all_group_params
+from tests.conftest import ROOT, all_group_params, task_of
 
 
 @pytest.mark.parametrize("group,option", all_group_params())
 def test_every_option_composes(group, option):
-    cfg = compose([f"{group}={option}"])
-    assert "name" not in cfg[group]      # labels come from Hydra's runtime choices, not a repeated name
+    cfg = compose([*task_of(group, option), f"{group}={option}"])
+    if group != "task":
+        assert "name" not in cfg[group]  # labels come from Hydra's runtime choices, not a repeated name
     if group in CELL_GROUPS:
         label = cell(cfg)[group]
         assert label == option or label.endswith(str(cfg[group].get("arch"))) or (option == "none" and label == "none")
     OmegaConf.to_container(cfg, resolve=True)
 
 
-@pytest.mark.parametrize("option", options("loss"))
+@pytest.mark.parametrize("option", options("loss", "classification"))
 def test_every_loss_builds_and_is_differentiable(option):
     loss = build(compose([f"loss={option}"]).loss)
     logits = torch.randn(4, 3, requires_grad=True)

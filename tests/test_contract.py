@@ -17,11 +17,13 @@ NAMED = set(re.findall(r"`([^`]+)`", CONTRACT))
 
 RUN_KEYS = [*tracking.REQUIRED_METRICS, *tracking.ONNX_METRICS, *tracking.VAL_FINAL_METRICS,
             *tracking.EXPLAIN_METRICS, *tracking.GRID_BUDGET_METRICS.values(), *tracking.GRID_SPEEDUPS.values(),
-            tracking.infer_key("_onnx", "_batch"), tracking.infer_key("_onnx", "_mt"), "model/size_mb_onnx"]
+            tracking.infer_key("_onnx", "_batch"), tracking.infer_key("_onnx", "_mt"), "model/size_mb_onnx",
+            *tracking.DETECTION_REQUIRED_METRICS, *tracking.DETECTION_VAL_FINAL_METRICS]
 TAGS = [*tracking.TAGS, tracking.MEMORY_STATUS, tracking.TAG_MEASURE_DEVICE, tracking.TAG_ONNX_STATUS,
-        tracking.TAG_CAM_AGREEMENT_STATUS]
+        tracking.TAG_CAM_AGREEMENT_STATUS, tracking.TAG_DEPLOY_STATUS]
 COLUMNS = [*g.BASE_COLUMNS, *g.RELATIVE, "infer_speedup_onnx", "infer_ms_onnx", "cam_agreement", "budget_epochs",
-           "ref_prune", "ref_budget_epochs", "converged"]
+           "ref_prune", "ref_budget_epochs", "converged", *g.DETECTION_RELATIVE, "map50", "map", "detect_ms",
+           "detect_peak_mb", "detect_increase_mb"]
 
 
 @pytest.mark.parametrize("key", sorted(set(RUN_KEYS)))

@@ -208,7 +208,7 @@ def test_rebuild_resnet18_removes_exactly_unselected_removable_units():
 
 # -- every backbone option ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backbone", options("backbone"))
+@pytest.mark.parametrize("backbone", options("backbone", "classification"))
 def test_every_backbone_scores_rebuilds_and_trains(backbone, tmp_path):
     torch.manual_seed(0)
     net = build(compose([f"backbone={backbone}"]).backbone, num_classes=3, input_size=32)

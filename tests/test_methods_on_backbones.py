@@ -98,7 +98,7 @@ BIG = {"vgg19", "efficientnet_b5", "resnet34", "resnet50", "se_resnet50", "sse_r
 QUICK_ON_BIG = {"none", "layer_importance", "slimming"}
 HEAVIEST = {("none", "vgg19")}  # 139M parameters kept dense: save, load and ONNX export take ~20 s
 PAIRS = [pytest.param(p, b, marks=[pytest.mark.slow] if (b in BIG and p not in QUICK_ON_BIG) or (p, b) in HEAVIEST
-                      else []) for p in options("prune") for b in options("backbone")]
+                      else []) for p in options("prune") for b in options("backbone", "classification")]
 
 
 @pytest.mark.parametrize("prune, backbone", PAIRS)

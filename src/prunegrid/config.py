@@ -22,7 +22,9 @@ import prunegrid.grid  # noqa: F401  (registers the config resolvers, e.g. refer
 from prunegrid.errors import ConfigError, PrunegridError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("backbone", "prune", "dataset", "loss", "optimizer", "scheduler", "trainer", "tracking")
+GROUPS = ("backbone", "prune", "dataset", "loss", "optimizer", "scheduler", "trainer", "tracking", "task")
+TASK_GROUPS = ("backbone", "dataset", "loss")  # options made for one task say so (YAML key `task`, default classification)
+DEFAULT_TASK = "classification"
 CELL_GROUPS = ("backbone", "prune", "dataset", "loss")
 
 
@@ -33,9 +35,13 @@ def conf_dir() -> Path:
     return CONF_DIR
 
 
-def options(group: str) -> list[str]:
-    """Names of the options (YAML files) of a config group."""
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+def options(group: str, task: str | None = None) -> list[str]:
+    """Names of the options (YAML files) of a config group; with ``task``, only the backbones, data
+    sets and losses made for that task (their YAML's ``task`` key, ``classification`` when absent)."""
+    names = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    if task is None:
+        return names
+    return [n for n in names if (OmegaConf.load(conf_dir() / group / f"{n}.yaml").get("task") or DEFAULT_TASK) == task]
 
 
 def check_overrides(overrides: Iterable[str]) -> None:
@@ -161,8 +167,19 @@ def check_values(cfg: DictConfig) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
                                   or (isinstance(value, float) and value > 1)):
             raise ConfigError(f"trainer.{key}={value} must be a number of batches >= 1, a share in (0, 1], or null")
+    task = (cfg.get("task") or {}).get("name", DEFAULT_TASK)
+    for group in TASK_GROUPS:
+        made_for = (cfg.get(group) or {}).get("task") or DEFAULT_TASK
+        if made_for != task:
+            try:
+                picked = choices(cfg).get(group, "?")
+            except ConfigError:
+                picked = "?"
+            raise ConfigError(f"{group}={picked} is made for task={made_for}, and this run is task={task}; add task={made_for}, "
+                              f"or choose one of: {', '.join(options(group, task))}")
     if cfg.get("prune") is not None:
         build(cfg.prune)
+
 
 
 def build(node: DictConfig | None, **kwargs: Any) -> Any:
@@ -171,6 +188,7 @@ def build(node: DictConfig | None, **kwargs: Any) -> Any:
         return None
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     data.pop("label", None)
+    data.pop("task", None)
     try:
         return instantiate(data, **kwargs)
     except InstantiationException as exc:  # keep our one-line errors one line

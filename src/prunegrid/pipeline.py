@@ -70,7 +70,7 @@ class FitRecord(Callback):
         self._stop()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.images += len(batch[1])
+        self.images += len(batch[0])
 
     def state_dict(self) -> dict:
         return {"times": list(self.times), "images": self.images, "seconds": self.seconds}
@@ -163,6 +163,13 @@ class Cell:
         self.input_size = int(cfg.dataset.input_size)
         weights = {"weights_path": str(pretrained_path(cfg))} if cfg.get("transfer", {}).get("source") else {}
         self.net: nn.Module = build(cfg.backbone, num_classes=self.num_classes, input_size=self.input_size, **weights)
+        self.task = cfg.get("task") or {}
+        self.module_factory = build(self.task["module"]) if self.task.get("module") else Classifier
+        self.module_cls = getattr(self.module_factory, "func", self.module_factory)
+        kind = getattr(self.net, "task", "classification")
+        if kind != self.task.get("name", "classification"):
+            raise ConfigError(f"backbone={self.cell['backbone']} is a {kind} model and task={self.task.get('name')}; "
+                              f"run it with task={kind}")
         self.method: PruningMethod = build(cfg.prune)
         self.loss = build(cfg.loss)
         self.optimizer = build(cfg.optimizer)
@@ -212,7 +219,7 @@ class Cell:
         fit_dir = self.checkpoints / f"fit{k}" if self.checkpoints is not None else None
         if fit_dir is not None and (fit_dir / DONE_FILE).is_file():
             return self._restore_fit(net, fit_dir / DONE_FILE)
-        module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
+        module = self.module(net)
         record = FitRecord()
         extra = [StopAfter(stop_after)] if stop_after else []
         trainer = self._trainer(epochs, [record, *extra, *callbacks], self.logger or False,
@@ -260,10 +267,16 @@ class Cell:
         _set_rng_state(done["rng"])
         return net
 
+    def module(self, net: nn.Module):
+        """The task's LightningModule around ``net`` (``task.module``: a classifier or a detector)."""
+        return self.module_factory(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
+
     def evaluate(self, net: nn.Module, split: str = "val", max_batches: int | None = None) -> dict[str, float]:
-        """Accuracy and mean loss of ``net`` on a split (``trainer.validate``; ``max_batches`` caps the
-        batches read, else the whole split). The net's train/eval mode is kept."""
-        module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
+        """The task's validation metrics of ``net`` on a split, without the ``val/`` prefix
+        (``acc`` and ``loss`` for a classifier, ``map50``, ``map`` and ``loss`` for a detector;
+        ``trainer.validate``; ``max_batches`` caps the batches read, else the whole split). The
+        net's train/eval mode is kept."""
+        module = self.module(net)
         on_cpu = isinstance(net, Net) and net.contract is not None and FLOAT not in net.contract.capabilities
         node = OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"])
         trainer = build(node, logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
@@ -274,7 +287,7 @@ class Cell:
             (res,) = trainer.validate(module, dataloaders=self.data.loader(split, shuffle=False), verbose=False)
         finally:
             net.train(was)
-        return {"acc": float(res["val/acc"]), "loss": float(res["val/loss"])}
+        return {k.split("/", 1)[1]: float(v) for k, v in res.items() if k.startswith("val/")}
 
     def context(self) -> Context:
         tr = self.tracker
@@ -289,7 +302,7 @@ class Cell:
 
     # -- the whole cell -------------------------------------------------------------------
     def test(self, net: nn.Module) -> dict[str, Any]:
-        module = Classifier(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
+        module = self.module(net)
         trainer = build(OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"]),
                         logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
                         default_root_dir=str(self.out))
@@ -454,7 +467,7 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
 
         metrics = {f"val/final_{k}": v for k, v in c.evaluate(net, "val").items()}
         test = c.test(net)
-        metrics.update(metrics_of_test(test, c.data.classes))
+        metrics.update(c.module_cls.test_metrics_of(test, c.data.classes))
         net.train_budget = c.budget.as_dict()
         net, baseline_net = net.cpu(), baseline_net.cpu()
         model_path = measure.save_model(net, tr.artifact_dir / tracking.MODEL_FILE)
@@ -463,6 +476,7 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         with sysm.paused(), measure.exclusive(cfg.measure.get("lock")) as window:
             metrics.update(measure_model(net, baseline_net, model_path, method=c.method, input_size=c.input_size,
                                          mcfg=cfg.measure, tr=tr))
+            metrics.update(_deployment(c, net, model_path))
         metrics["time/measure_wait_s"] = window["wait_s"]
         tr.set_tags({tracking.TAG_MEASURE_WINDOW: f"{window['start']:.3f}-{window['end']:.3f}"})
         if cfg.tracking.get("log_model", True):
@@ -470,7 +484,7 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         metrics.update(fit_metrics(c.fits, c.budget))
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)
-        _log_reports(tr, test, c.data.classes, c.logger.history)
+        c.module_cls.log_reports(tr, test, c.data.classes, c.logger.history)
         from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (BaiNa & Joe (explainable channel attention))
         explained, stand_in = c.method.explained(net)
         if (cfg.get("explain") or {}).get("enabled", False):
@@ -563,23 +577,13 @@ def _write_output_files(cfg: DictConfig, net: nn.Module, result: CellResult, cel
 
 def _summary(cell: dict[str, str], result: CellResult, uri: str) -> None:
     m = result.metrics
-    keys = ["test/acc", "test/f1_macro", "model/params", "model/params_nonzero", "model/flops", "model/size_mb",
+    keys = ["test/acc", "test/f1_macro", "test/map50", "test/map", "model/params", "model/params_nonzero", "model/flops", "model/size_mb",
             "time/train_s", "time/epoch_s", "time/infer_ms", "speedup/infer", "time/infer_ms_onnx",
             "speedup/infer_onnx", "memory/infer_peak_mb", "memory/train_peak_mb"]
     width = max(map(len, keys))
     lines = [f"{k:<{width}}  {m[k]:,.4g}" if abs(m[k]) < 1e5 else f"{k:<{width}}  {m[k]:,.0f}" for k in keys if k in m]
     print(f"\nprunegrid: {tracking.run_name(cell)} -> run {result.run_id} in {uri}")
     print("\n".join(lines))
-
-
-def metrics_of_test(res: dict[str, Any], classes: list[str]) -> dict[str, float]:
-    """``test/acc``, ``test/loss``, ``test/f1_macro`` and the per-class metrics of one test pass."""
-    m: dict[str, float] = {"test/acc": float(res["acc"]), "test/loss": float(res["loss"]),
-                           "test/f1_macro": float(res["f1_macro"])}
-    for kind in tracking.PER_CLASS_KINDS:
-        for key, value in zip(tracking.class_keys(kind, classes), res[kind].tolist()):
-            m[key] = float(value)
-    return m
 
 
 def fit_metrics(fits: list[FitStats], budget: Budget) -> dict[str, float]:
@@ -612,6 +616,23 @@ def measure_model(net: nn.Module, baseline_net: nn.Module, model_path: Path, *, 
     m.update(_latency(net, baseline_net, input_size, mcfg, device))
     m.update(_onnx_metrics(method, net, baseline_net, input_size, mcfg, tr))
     m.update(_memory(model_path, input_size, mcfg, device, tr))
+    return m
+
+
+def _deployment(c: Cell, net: nn.Module, model_path: Path) -> dict[str, float]:
+    """The task's whole deployed pipeline (a detector: reading, resizing, the model and NMS over test
+    images, memory sampled every second), measured in a fresh process; a failure records why in the
+    ``deploy_status`` tag instead of failing the run."""
+    try:
+        m = c.module(net).deployment_metrics(model_path, c.data, c.input_size, c.task.get("deploy"),
+                                             c.cfg.measure.threads)
+    except Exception as exc:
+        reason = one_line(exc)
+        log.warning("deployment measurement failed: %s", reason)
+        c.tracker.set_tags({tracking.TAG_DEPLOY_STATUS: reason})
+        return {}
+    if m:
+        c.tracker.set_tags({tracking.TAG_DEPLOY_STATUS: "ok"})
     return m
 
 
@@ -678,17 +699,3 @@ def _memory(path: Path, input_size: int, mcfg: DictConfig, device: str, tr: trac
     return {"memory/infer_peak_mb": probe.get("cuda_peak_mb", probe["increase_mb"]),
             "memory/infer_rss_increase_mb": probe["increase_mb"], "memory/infer_process_peak_mb": probe["peak_mb"],
             "memory/infer_process_before_mb": probe["before_mb"]}
-
-
-def _log_reports(tr: tracking.Tracker, res: dict[str, Any], classes: list[str], history: Any) -> None:
-    from sklearn.metrics import classification_report
-
-    fig = plots.confusion_figure(res["confusion"].numpy(), classes)
-    tr.log_figure(fig, tracking.ARTIFACT_CONFUSION)
-    plots.close(fig)
-    fig = plots.curves_figure(history)
-    tr.log_figure(fig, tracking.ARTIFACT_CURVES)
-    plots.close(fig)
-    report = classification_report(res["targets"].numpy(), res["preds"].numpy(), labels=list(range(len(classes))),
-                                   target_names=classes, digits=4, zero_division=0)
-    tr.log_text(report, tracking.ARTIFACT_REPORT)

@@ -9,10 +9,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def curves_figure(history: list[dict[str, float]]):
-    """Loss and accuracy per epoch, train and validation (Kim (ResNet transfer learning)'s learning curves)."""
+def curves_figure(history: list[dict[str, float]], metric: str = "acc"):
+    """Loss and ``metric`` (accuracy; mAP50 for a detector) per epoch, train and validation (Kim
+    (ResNet transfer learning)'s learning curves)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, what in zip(axes, ("loss", "acc")):
+    for ax, what in zip(axes, ("loss", metric)):
         for split in ("train", "val"):
             pts = [(h["epoch"], h[f"{split}/{what}"]) for h in history if f"{split}/{what}" in h]
             if pts:
@@ -20,7 +21,7 @@ def curves_figure(history: list[dict[str, float]]):
                 ax.plot(xs, ys, marker="o", label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
-        ax.set_title({"loss": "Loss", "acc": "Accuracy"}[what])
+        ax.set_title({"loss": "Loss", "acc": "Accuracy", "map50": "mAP50"}.get(what, what))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -54,8 +54,9 @@ from prunegrid.errors import ConfigError
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 STORAGE_ENV = "PRUNEGRID_OPTUNA_STORAGE"  # the presets' and the sweeper's storage when set (a shared database)
-OBJECTIVE_KEYS = (tracking.VAL_FINAL_METRICS + tracking.MODEL_METRICS + tracking.TIME_METRICS + tracking.ONNX_METRICS
-                  + tracking.EXPLAIN_METRICS)
+OBJECTIVE_KEYS = (tracking.VAL_FINAL_METRICS + tracking.DETECTION_VAL_FINAL_METRICS[:2] + tracking.MODEL_METRICS
+                  + tracking.TIME_METRICS + tracking.ONNX_METRICS + tracking.EXPLAIN_METRICS
+                  + tracking.DETECTION_DEPLOY_METRICS[:5])
 PRUNING_MONITOR = "val/acc"
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"

@@ -48,6 +48,7 @@ ONNX_METRICS = (infer_key("_onnx"), speedup_key("_onnx"), infer_key("_onnx") + "
 MEMORY_STATUS = "memory_status"          # "ok", or why the fresh-process memory probe failed
 TAG_MEASURE_DEVICE = "measure_device"    # where latency and memory were measured (cpu, cuda)
 ONNX_FILE = "model.onnx"                 # logged under ARTIFACT_MODEL_DIR
+TAG_DEPLOY_STATUS = "deploy_status"    # "ok", or why the whole-detector measurement failed (task=detection)
 TAG_ONNX_STATUS = "onnx_status"          # "ok", or the one-line reason the export/run failed
 SIZE_COMPRESSED = "model/size_mb_compressed"
 EXPLAIN_METRICS = ("explain/cam_agreement", "explain/cam_pearson")
@@ -56,6 +57,17 @@ TAG_CAM_AGREEMENT_STATUS = "cam_agreement_status"  # why cam_agreement is missin
 TAG_EXPLAIN_STATUS = "explain_status"  # why the Grad-CAM step failed, when it did
 ARTIFACT_GRADCAM = "gradcam.png"
 REQUIRED_METRICS = EPOCH_METRICS + TEST_METRICS + MODEL_METRICS + TIME_METRICS
+# task=detection: the same model, time and memory keys, with the task's own epoch, test and validation keys and
+# the whole detector's deployment (reading, resizing, model, NMS; memory sampled every second).
+DETECTION_EPOCH_METRICS = ("train/loss", "train/box_loss", "train/obj_loss", "train/cls_loss", "val/loss", "val/map50",
+                           "val/map")
+DETECTION_TEST_METRICS = ("test/map50", "test/map", "test/loss", "test/precision", "test/recall")
+DETECTION_VAL_FINAL_METRICS = ("val/final_map50", "val/final_map", "val/final_loss")
+DETECTION_DEPLOY_METRICS = ("time/detect_ms", "time/detect_ms_q25", "time/detect_ms_q75", "time/detect_fps",
+                            "memory/detect_peak_mb", "memory/detect_mean_mb", "memory/detect_samples",
+                            "memory/detect_exact_peak_mb", "memory/detect_increase_mb", "deploy/boxes_per_image")
+DETECTION_REQUIRED_METRICS = (DETECTION_EPOCH_METRICS + DETECTION_TEST_METRICS + MODEL_METRICS + TIME_METRICS
+                              + DETECTION_DEPLOY_METRICS)
 PER_CLASS_KINDS = ("f1", "precision", "recall")
 BASELINE_PREFIX = "baseline/"
 CELL_TAGS = TAGS[:5]
@@ -66,7 +78,10 @@ GRID_METRICS = {"acc": "test/acc", "f1_macro": "test/f1_macro", "params": "model
                 "infer_peak_mb": "memory/infer_peak_mb", "train_peak_mb": "memory/train_peak_mb"}
 GRID_OPTIONAL_METRICS = {"infer_ms_onnx": infer_key("_onnx"), "cam_agreement": "explain/cam_agreement",
                          "infer_ms_iqr": infer_key() + "_iqr", "infer_ms_onnx_iqr": infer_key("_onnx") + "_iqr",
-                         "size_mb_onnx": "model/size_mb_onnx"}
+                         "size_mb_onnx": "model/size_mb_onnx",
+                         # task=detection: the primary metric is map50 where classifiers have acc
+                         "map50": "test/map50", "map": "test/map", "detect_ms": "time/detect_ms",
+                         "detect_peak_mb": "memory/detect_peak_mb", "detect_increase_mb": "memory/detect_increase_mb"}
 GRID_BUDGET_METRICS = {"budget_epochs": "budget/epochs", "budget_images": "budget/images",
                        "converged": "train/converged", "train_total_s": "time/train_total_s"}
 # Speed-up columns (one runtime each) -> their metric; each also has _q25 / _q75 columns.
@@ -77,6 +92,7 @@ ARTIFACT_CONFIG = "config.yaml"
 ARTIFACT_CONFUSION = "confusion_matrix.png"
 ARTIFACT_CURVES = "curves.png"
 ARTIFACT_REPORT = "classification_report.txt"
+ARTIFACT_DETECTION_REPORT = "detection_report.txt"  # per-class AP50, precision and recall of a detector
 ARTIFACT_MODEL_DIR = "model"
 MODEL_FILE = "model.pt"
 ARTIFACT_OUTPUTS = "outputs"             # the cell's paths.metrics_out JSON, as DVC's metrics file holds it

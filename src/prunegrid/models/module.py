@@ -6,7 +6,7 @@ CONTRACT.md with torchmetrics and keeps the test predictions for the reports.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -22,6 +22,8 @@ from torchmetrics.classification import (
 
 
 class Classifier(L.LightningModule):
+    primary = "acc"
+
     def __init__(self, net: nn.Module, loss: nn.Module, optimizer: Callable, scheduler: Callable | None,
                  num_classes: int):
         super().__init__()
@@ -84,6 +86,39 @@ class Classifier(L.LightningModule):
         res["targets"] = torch.cat(self._test_targets) if self._test_targets else torch.empty(0, dtype=torch.long)
         self.test_results = res
         self.log_dict({"test/acc": res["acc"], "test/loss": res["loss"], "test/f1_macro": res["f1_macro"]})
+
+    @staticmethod
+    def test_metrics_of(res: dict[str, Any], classes: list[str]) -> dict[str, float]:
+        """``test/acc``, ``test/loss``, ``test/f1_macro`` and the per-class metrics of one test pass."""
+        from prunegrid import tracking
+
+        m: dict[str, float] = {"test/acc": float(res["acc"]), "test/loss": float(res["loss"]),
+                               "test/f1_macro": float(res["f1_macro"])}
+        for kind in tracking.PER_CLASS_KINDS:
+            for key, value in zip(tracking.class_keys(kind, classes), res[kind].tolist()):
+                m[key] = float(value)
+        return m
+
+    @staticmethod
+    def log_reports(tr, res: dict[str, Any], classes: list[str], history: Any) -> None:
+        """The confusion matrix, the training curves and scikit-learn's classification report."""
+        from sklearn.metrics import classification_report
+
+        from prunegrid import plots, tracking
+
+        fig = plots.confusion_figure(res["confusion"].numpy(), classes)
+        tr.log_figure(fig, tracking.ARTIFACT_CONFUSION)
+        plots.close(fig)
+        fig = plots.curves_figure(history)
+        tr.log_figure(fig, tracking.ARTIFACT_CURVES)
+        plots.close(fig)
+        report = classification_report(res["targets"].numpy(), res["preds"].numpy(), labels=list(range(len(classes))),
+                                       target_names=classes, digits=4, zero_division=0)
+        tr.log_text(report, tracking.ARTIFACT_REPORT)
+
+    def deployment_metrics(self, model_path, data, input_size: int, deploy: Any, threads: int | None) -> dict[str, float]:
+        """A classifier's deployment is its model: latency and memory are :func:`measure_model`'s."""
+        return {}
 
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]

@@ -21,13 +21,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
-BATCHNORM, CONV, FX, FLOAT, REMOVABLE = "batchnorm", "conv", "fx", "float", "removable"
+BATCHNORM, CONV, FX, FLOAT, REMOVABLE, LOGITS = "batchnorm", "conv", "fx", "float", "removable", "logits"
 CAPABILITIES = {
     BATCHNORM: "BatchNorm layers",
     CONV: "Conv2d layers",
     FX: "a graph torch.fx can trace",
     FLOAT: "float weights with gradients",
     REMOVABLE: "units that can be removed without changing shapes",
+    LOGITS: "a classifier head whose outputs are class logits (a detector's Detect head is not)",
 }
 
 
@@ -206,7 +207,7 @@ class Net(nn.Module):
         import torch.fx
 
         mods = list(self.modules())
-        caps = set()
+        caps = {LOGITS}
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine for m in mods):
             caps.add(BATCHNORM)
         if any(isinstance(m, nn.Conv2d) for m in mods):

@@ -27,7 +27,7 @@ from torch import nn
 
 from prunegrid import measure
 from prunegrid.errors import ConfigError, one_line
-from prunegrid.models.net import CONV, Net
+from prunegrid.models.net import CONV, LOGITS, Net
 from prunegrid.pruning.base import Context, PruningMethod, check_fraction
 
 IMPORTANCES = {
@@ -177,7 +177,7 @@ class ChannelPruning(PruningMethod):
 
     name = "channel"
     from_baseline = True
-    requires = (CONV,)
+    requires = (CONV, LOGITS)  # importance and the Taylor loss read class logits
 
     def __init__(self, importance: str = "l1", ratio: float = 0.5, global_pruning: bool = False,
                  max_layer_ratio: float = 0.9, calibration_batches: int = 4, finetune_epochs: int = 1,

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from prunegrid.errors import ConfigError
-from prunegrid.models.net import REMOVABLE, ClassifierHead, Net
+from prunegrid.models.net import LOGITS, REMOVABLE, ClassifierHead, Net
 from prunegrid.pruning.base import Context, PruningMethod
 
 log = logging.getLogger("prunegrid")
@@ -387,8 +387,9 @@ class LayerImportance(PruningMethod):
 
     @property
     def requires(self) -> tuple[str, ...]:
-        """The layer-removal check needs units that can be removed; the rebuild alone can only cut."""
-        return (REMOVABLE,) if self.ablation else ()
+        """The rebuild cuts the chain and puts a new classifier head on it (class logits); the
+        layer-removal check also needs units that can be removed."""
+        return (LOGITS, REMOVABLE) if self.ablation else (LOGITS,)
 
     def check(self, net: Net, ctx: Context) -> None:
         n = len(scored_layers(net, self.layer_classes))

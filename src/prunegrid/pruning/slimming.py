@@ -22,7 +22,7 @@ from torch import nn
 
 from prunegrid import measure
 from prunegrid.errors import ConfigError
-from prunegrid.models.net import BATCHNORM, CONV, Net
+from prunegrid.models.net import BATCHNORM, CONV, LOGITS, Net
 from prunegrid.pruning.base import Context
 from prunegrid.pruning.channel import ChannelPruning, all_trainable, protected_layers
 
@@ -72,7 +72,7 @@ class NetworkSlimming(ChannelPruning):
 
     name = "slimming"
     from_baseline = False
-    requires = (CONV, BATCHNORM)
+    requires = (CONV, BATCHNORM, LOGITS)
 
     def __init__(self, sparsity_lambda: float = 1e-3, ratio: float = 0.5, max_layer_ratio: float = 0.9,
                  finetune_epochs: int = 1, baseline_ckpt: str | None = None):

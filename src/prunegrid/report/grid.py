@@ -65,7 +65,10 @@ RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "acc_
 OPTIONAL = list(tracking.GRID_OPTIONAL_METRICS)
 HOST = tracking.TAG_HOST
 # Absolute times, which only compare on one machine: not averaged over seeds that ran on different hosts.
-HOST_TIMES = ["train_s", "epoch_s", "infer_ms", "infer_ms_onnx", "infer_ms_iqr", "infer_ms_onnx_iqr", "train_total_s"]
+HOST_TIMES = ["train_s", "epoch_s", "infer_ms", "infer_ms_onnx", "infer_ms_iqr", "infer_ms_onnx_iqr", "train_total_s",
+              "detect_ms"]
+# A detector's primary metric (task=detection), compared like acc: with the equal-budget reference and the baseline.
+DETECTION_RELATIVE = ["map50_delta_pt", "map50_delta_pt_vs_base"]
 CROSS_HOST = "timed on several hosts: no mean of absolute times"
 SPEEDUPS = list(tracking.GRID_SPEEDUPS)  # infer_speedup, infer_speedup_mt, ..., infer_speedup_onnx_batch
 QUARTILES = ("_q25", "_q75")
@@ -121,10 +124,10 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
     out["_baseline_infer_ms"] = pd.to_numeric(same, errors="coerce")
 
     base = out[out["prune"] == BASELINE].set_index(JOIN)
-    b = out[JOIN].merge(base[["params_nonzero", "flops", "acc", "epoch_s", "infer_ms", HOST]].add_prefix("b_"),
+    b = out[JOIN].merge(base[["params_nonzero", "flops", "acc", "map50", "epoch_s", "infer_ms", HOST]].add_prefix("b_"),
                         left_on=JOIN, right_index=True, how="left")
     b.index = out.index
-    refs = out.set_index(JOIN + ["prune"])[["acc", "budget_epochs"]].add_prefix("r_")
+    refs = out.set_index(JOIN + ["prune"])[["acc", "map50", "budget_epochs"]].add_prefix("r_")
     r = out[JOIN + ["ref_prune"]].merge(refs, left_on=JOIN + ["ref_prune"], right_index=True, how="left")
     r.index = out.index
 
@@ -133,6 +136,8 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
     out["flops_reduction_pct"] = 100 * (1 - _ratio(out["flops"], b["b_flops"]))
     out["acc_delta_pt"] = 100 * (out["acc"] - r["r_acc"])
     out["acc_delta_pt_vs_base"] = 100 * (out["acc"] - b["b_acc"])
+    out["map50_delta_pt"] = 100 * (out["map50"] - r["r_map50"])
+    out["map50_delta_pt_vs_base"] = 100 * (out["map50"] - b["b_map50"])
     same_host = b["b_" + HOST] == out[HOST]
     out["epoch_speedup"] = _ratio(b["b_epoch_s"], out["epoch_s"]).where(same_host)
     base_ms = out["_baseline_infer_ms"].where(out["_baseline_infer_ms"] > 0, b["b_infer_ms"].where(same_host))
@@ -142,7 +147,7 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
     out["infer_speedup"] = out["infer_speedup"].fillna(_ratio(base_ms, out["infer_ms"]))
 
     speedups = [c + q for c in SPEEDUPS for q in ("", *QUARTILES) if c + q not in RELATIVE and out[c + q].notna().any()]
-    optional = [c for c in OPTIONAL + ["train_total_s"] if out[c].notna().any()]
+    optional = [c for c in OPTIONAL + DETECTION_RELATIVE + ["train_total_s"] if out[c].notna().any()]
     out = out[BASE_COLUMNS + BUDGET + RELATIVE + speedups + optional + [HOST, "run_id", "experiment_id"]]
     return _ordered(out, ["_s"], _s=pd.to_numeric(out["seed"], errors="coerce"))
 
@@ -217,9 +222,9 @@ def _fmt(col: str, v) -> str:
         return v
     if col in ("params", "params_nonzero", "flops", "budget_images"):
         return f"{v:,.0f}"
-    if col in ("acc", "f1_macro", "cam_agreement", "converged"):
+    if col in ("acc", "f1_macro", "cam_agreement", "converged", "map50", "map"):
         return f"{v:.4f}" if col != "converged" else f"{v:.2f}"
-    if col.endswith("_pct") or col.startswith("acc_delta_pt"):
+    if col.endswith("_pct") or col.startswith(("acc_delta_pt", "map50_delta_pt")):
         return f"{v:+.1f}"
     if "speedup" in col:
         return f"{v:.2f}x"
@@ -279,11 +284,13 @@ def notes(r: pd.Series) -> list[str]:
     n = int(r["n_seeds"])
     own_ref = r["prune"] == r["ref_prune"]
     if not own_ref:
-        d, sd = r["acc_delta_pt"], r.get("acc_delta_pt_std", np.nan)
+        detection = not np.isfinite(r.get("acc", np.nan)) and np.isfinite(r.get("map50", np.nan))
+        key, what = ("map50_delta_pt", "mAP50") if detection else ("acc_delta_pt", "accuracy")
+        d, sd = r.get(key, np.nan), r.get(f"{key}_std", np.nan)
         if n < 2:
             out.append("one seed: no spread")
         elif np.isfinite(d) and np.isfinite(sd) and abs(d) <= sd:
-            out.append(f"accuracy {NOISE}")
+            out.append(f"{what} {NOISE}")
         if np.isfinite(r["budget_epochs"]) and np.isfinite(r["ref_budget_epochs"]) \
                 and r["budget_epochs"] != r["ref_budget_epochs"]:
             out.append(UNEQUAL)
@@ -304,9 +311,9 @@ def notes(r: pd.Series) -> list[str]:
 
 
 SUMMARY = ["n_seeds", "budget_epochs", "ref_prune", "ref_budget_epochs", "converged", "acc", "acc_delta_pt",
-           "acc_delta_pt_vs_base", "params_nonzero", "params_reduction_pct", "flops_reduction_pct", "epoch_speedup",
+           "acc_delta_pt_vs_base", "map50", "map50_delta_pt", "map50_delta_pt_vs_base", "map", "params_nonzero", "params_reduction_pct", "flops_reduction_pct", "epoch_speedup",
            "infer_ms", "infer_speedup", "infer_ms_onnx", "infer_speedup_onnx", "train_s", "train_total_s", "size_mb",
-           "infer_peak_mb", "train_peak_mb", "cam_agreement"]
+           "infer_peak_mb", "train_peak_mb", "detect_ms", "detect_peak_mb", "cam_agreement"]
 
 
 def _summary_value(r: pd.Series, c: str) -> str:
@@ -350,7 +357,11 @@ def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None, ext
              "cell; `infer_speedup` (eager PyTorch) and `infer_speedup_onnx` (ONNX Runtime) time the model against "
              "the dense baseline in interleaved rounds in one process, batch 1 on `measure.threads` threads, shown as "
              "mean ± std over seeds [first, third quartile of the paired ratios]; `infer_ms` shows its interquartile "
-             "range. `infer_peak_mb` is the memory the model adds when loaded and run in a fresh process. Differences "
+             "range. `infer_peak_mb` is the memory the model adds when loaded and run in a fresh process. Detection "
+             "cells (`task=detection`) have `map50` (test mAP at IoU 0.5) where classifiers have `acc`, compared the "
+             "same way (`map50_delta_pt`, `map50_delta_pt_vs_base`), and the whole detector's `detect_ms` (reading, "
+             "resizing, model, NMS per image, absolute: compare on one host) and `detect_peak_mb` (its process's RSS "
+             "sampled every second, as pidstat reports it). Differences "
              f"inside their spread are marked \"{NOISE}\", speed-ups whose interval includes 1.0 \"{NOT_FASTER}\", "
              f"below 1.0 \"{SLOWER}\"; `converged` is the share of seeds whose baseline training was ended by early "
              "stopping (the rest hit the epoch cap); \"Pareto front\" marks the cells no other cell beats on both "
@@ -392,7 +403,8 @@ def mark_fronts(means: pd.DataFrame) -> pd.DataFrame:
         by = ["dataset", "loss"] + ([HOST] if col == "pareto_latency" and HOST in means else [])
         for _, g in means.groupby(by, sort=False):
             cost = pd.to_numeric(g[x], errors="coerce")
-            means.loc[g.index, col] = figures.pareto_mask(cost.where(cost > 0), g["acc"])
+            score = g["acc"].fillna(g["map50"]) if "map50" in g else g["acc"]
+            means.loc[g.index, col] = figures.pareto_mask(cost.where(cost > 0), score)
     return means
 
 
@@ -444,9 +456,10 @@ def to_json(grid: pd.DataFrame, means: pd.DataFrame) -> dict:
 
 
 def console(means: pd.DataFrame) -> str:
-    cols = ["n_seeds", "budget_epochs", "ref_prune", "acc", "acc_delta_pt", "params_reduction_pct", "infer_speedup",
+    cols = ["n_seeds", "budget_epochs", "ref_prune", "acc", "acc_delta_pt", "map50", "map50_delta_pt",
+            "params_reduction_pct", "infer_speedup",
             "infer_speedup_onnx"]
-    cols = [c for c in cols if c in means.columns]
+    cols = [c for c in cols if c in means.columns and (c in ("n_seeds", "ref_prune") or means[c].notna().any())]
     shown = means[GROUP_KEYS[:2] + cols].copy()
     for c in cols:
         if c not in ("n_seeds", "ref_prune"):
