@@ -20,7 +20,7 @@ RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "epoc
 SUMMARY = ["budget_epochs", "ref_prune", "ref_budget_epochs", "acc_delta_pt", "acc_delta_pt_std", "n_seeds", "converged"]
 
 
-def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet18", ref=None, **m):
+def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet18", ref=None, drop=(), **m):
     tags = {"backbone": backbone, "prune": prune, "dataset": "fashion_mnist", "loss": "cross_entropy",
             "seed": str(seed), **({"ref_prune": ref} if ref else {})}
     run = client.create_run(exp_id, tags=tags, run_name=tracking.run_name(tags))
@@ -28,6 +28,7 @@ def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet1
                "model/flops": 5000, "model/size_mb": 4.0, "time/train_s": 100, "time/epoch_s": 10,
                "time/infer_ms": 2.0, "memory/infer_peak_mb": 300, "memory/train_peak_mb": 900}
     metrics.update({k.replace("__", "/"): v for k, v in m.items()})
+    metrics = {k: v for k, v in metrics.items() if k not in drop}
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     client.set_terminated(run.info.run_id, status)
@@ -405,3 +406,29 @@ def test_timings_are_not_compared_across_hosts(store, tmp_path):
                                   "infer_ms", "latency", by="host")
     assert [ax.get_title().split(": ")[0] for ax in fig.axes] == ["Accuracy vs latency (timed on node-a)",
                                                                   "Accuracy vs latency (timed on node-b)"]
+
+
+def test_detection_cells_have_map50_compared_like_acc(store, tmp_path):
+    """Detection cells (no test/acc): map50 where classifiers have acc, deltas against the equal-budget
+    reference per seed, the whole detector's time and sampled memory as columns, noise marked."""
+    uri, client, exp = store
+    maps = {("none", 0): 0.60, ("none", 1): 0.62, ("l1_static", 0): 0.55, ("l1_static", 1): 0.58,
+            ("l1_dynamic", 0): 0.50, ("l1_dynamic", 1): 0.62}
+    for (prune, seed), m50 in maps.items():
+        rid = log_run(client, exp, prune, seed=seed, backbone="yolov5n", drop=("test/acc", "test/f1_macro"), **{
+            "test__map50": m50, "test__map": m50 / 2, "time__detect_ms": 6.0, "memory__detect_peak_mb": 950,
+            "memory__detect_increase_mb": 36.0})
+        client.set_tag(rid, "dataset", "fashion_det")
+        client.set_tag(rid, "loss", "yolov5")
+    table = g.build(uri, ["test_detection_cells_have_map50_compared_like_acc"], tmp_path / "rep", ui=None)
+    st = table[table.prune == "l1_static"].set_index("seed")
+    assert st.loc["0", "map50_delta_pt"] == pytest.approx(-5.0) and st.loc["1", "map50_delta_pt"] == pytest.approx(-4.0)
+    assert {"map50", "map", "detect_ms", "detect_peak_mb", "detect_increase_mb"} <= set(table.columns)
+    means = pd.read_csv(tmp_path / "rep" / "grid.csv").set_index("prune")
+    assert means.loc["l1_static", "map50_delta_pt"] == pytest.approx(-4.5)
+    assert means.loc["l1_dynamic", "map50_delta_pt"] == pytest.approx(-5.0)   # -10 and 0: std 7.1
+    md = (tmp_path / "rep" / "grid.md").read_text()
+    dyn = next(line for line in md.splitlines() if line.startswith("| yolov5n | l1_dynamic"))
+    assert "mAP50 within noise" in dyn
+    st_line = next(line for line in md.splitlines() if line.startswith("| yolov5n | l1_static"))
+    assert "mAP50 within noise" not in st_line                                   # -5 and -4: std 0.7

@@ -96,6 +96,46 @@ def run_detector(model_path: str, images: Sequence[str], input_size: int, *, con
             "detect_boxes_per_image": boxes / max(1, len(times)), "detect_images": len(times)}
 
 
+def interleaved_detectors(model_paths: Sequence[str], images: Sequence[str], input_size: int, *, conf: float = 0.25,
+                          iou: float = 0.6, max_det: int = 300, threads: int = 1, rounds: int = 3,
+                          warmup: int = 3) -> dict[str, list[float]]:
+    """Whole-detector latency of several models in one process, image by image in turn (A B C,
+    B C A, ...), so that their ratios compare like with like on a noisy machine: the ms of every
+    image for every model, ``rounds`` passes over ``images``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from prunegrid import measure
+    from prunegrid.detection.module import non_max_suppression
+
+    if threads:
+        torch.set_num_threads(threads)
+    models = [measure.load_model(p).eval() for p in model_paths]
+    times: dict[str, list[float]] = {str(p): [] for p in model_paths}
+
+    def detect(model, path: str) -> None:
+        img = Image.open(path).convert("RGB").resize((input_size, input_size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        non_max_suppression(model(x), conf, iou, max_det)
+
+    with torch.inference_mode():
+        for model in models:
+            for path in list(images)[:warmup]:
+                detect(model, path)
+        k = 0
+        for _ in range(rounds):
+            for path in images:
+                order = list(range(len(models)))
+                order = order[k % len(order):] + order[:k % len(order)]
+                k += 1
+                for i in order:
+                    t0 = time.perf_counter()
+                    detect(models[i], path)
+                    times[str(model_paths[i])].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def measure_detector(model_path: str | Path, images: Sequence[str | Path], input_size: int, *, conf: float = 0.25,
                      iou: float = 0.6, max_det: int = 300, threads: int = 1, warmup: int = 3, interval_s: float = 1.0,
                      min_seconds: float = 5.0, timeout_s: float = 600) -> dict[str, float]:
