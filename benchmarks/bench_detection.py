@@ -13,7 +13,7 @@ and their memory is sampled in ``--memory-repeats`` fresh processes each, interl
 Prints the table (mean ± std over seeds) and the direction of each static-vs-dynamic difference
 next to the paper's; writes ``reports/bench/detection.json`` and ``reports/bench/detection.png``.
 
-    .venv/bin/python benchmarks/bench_detection.py                    # 3 seeds, 128 px, 10 epochs
+    .venv/bin/python benchmarks/bench_detection.py                    # 3 seeds, 128 px, 600 images, 20 epochs
     .venv/bin/python benchmarks/bench_detection.py --quick            # smoke run, a minute
 """
 
@@ -106,7 +106,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--size", type=int, default=128, help="input size (a multiple of 32)")
     p.add_argument("--canvas", type=int, default=128)
     p.add_argument("--subset", type=int, default=600, help="images per split at most")

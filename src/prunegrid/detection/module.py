@@ -97,6 +97,7 @@ class DetectionMetrics:
         self.num_classes, self.conf = num_classes, conf
         self.map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
                                         backend=backend)
+        self.map.warn_on_many_detections = False  # NMS keeps up to max_det; COCO's mAP reads the best 100
         self.dets: list[torch.Tensor] = []
         self.gts: list[dict[str, torch.Tensor]] = []
 
