@@ -166,10 +166,6 @@ class Cell:
         self.task = cfg.get("task") or {}
         self.module_factory = build(self.task["module"]) if self.task.get("module") else Classifier
         self.module_cls = getattr(self.module_factory, "func", self.module_factory)
-        kind = getattr(self.net, "task", "classification")
-        if kind != self.task.get("name", "classification"):
-            raise ConfigError(f"backbone={self.cell['backbone']} is a {kind} model and task={self.task.get('name')}; "
-                              f"run it with task={kind}")
         self.method: PruningMethod = build(cfg.prune)
         self.loss = build(cfg.loss)
         self.optimizer = build(cfg.optimizer)
@@ -577,8 +573,8 @@ def _write_output_files(cfg: DictConfig, net: nn.Module, result: CellResult, cel
 
 def _summary(cell: dict[str, str], result: CellResult, uri: str) -> None:
     m = result.metrics
-    keys = ["test/acc", "test/f1_macro", "test/map50", "test/map", "model/params", "model/params_nonzero", "model/flops", "model/size_mb",
-            "time/train_s", "time/epoch_s", "time/infer_ms", "speedup/infer", "time/infer_ms_onnx",
+    keys = ["test/acc", "test/f1_macro", "test/map50", "test/map", "model/params", "model/params_nonzero",
+            "model/flops", "model/size_mb", "time/train_s", "time/epoch_s", "time/infer_ms", "speedup/infer", "time/infer_ms_onnx",
             "speedup/infer_onnx", "memory/infer_peak_mb", "memory/train_peak_mb"]
     width = max(map(len, keys))
     lines = [f"{k:<{width}}  {m[k]:,.4g}" if abs(m[k]) < 1e5 else f"{k:<{width}}  {m[k]:,.0f}" for k in keys if k in m]

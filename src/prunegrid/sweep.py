@@ -58,6 +58,7 @@ OBJECTIVE_KEYS = (tracking.VAL_FINAL_METRICS + tracking.DETECTION_VAL_FINAL_METR
                   + tracking.TIME_METRICS + tracking.ONNX_METRICS + tracking.EXPLAIN_METRICS
                   + tracking.DETECTION_DEPLOY_METRICS[:5])
 PRUNING_MONITOR = "val/acc"
+TASK_MONITORS = (PRUNING_MONITOR, "val/map50")  # a classifier's, a detector's (task=detection): higher is better
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 INTERRUPTED_ATTR = "interrupted"     # a trial ended by SIGINT/SIGTERM: the signal's name
@@ -89,9 +90,12 @@ class OptunaPruning(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         trial = _active["trial"]
-        if trial is None or trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+        metrics = trainer.callback_metrics
+        monitor = self.monitor if self.monitor in metrics or self.monitor != PRUNING_MONITOR else \
+            next((m for m in TASK_MONITORS if m in metrics), self.monitor)
+        if trial is None or trainer.sanity_checking or monitor not in metrics:
             return
-        value = float(trainer.callback_metrics[self.monitor])
+        value = float(metrics[monitor])
         _active["run_id"] = _active["run_id"] or getattr(trainer.logger, "version", None) or None  # a pruned trial's run
         step = _active["step"]
         _active["step"] += 1
@@ -104,7 +108,7 @@ class OptunaPruning(Callback):
             raise Interrupted(signal.Signals[stop])
         trial.report(value, step)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"{self.monitor}={value:.4f} at validation {step}")
+            raise optuna.TrialPruned(f"{monitor}={value:.4f} at validation {step}")
 
 
 # -- objectives ---------------------------------------------------------------------------------

@@ -216,8 +216,6 @@ class YoloNet(Net):
     ``forward(x, raw=True)`` in eval returns both.
     """
 
-    task = "detection"
-
     def __init__(self, arch: str, num_classes: int, depth_multiple: float, width_multiple: float,
                  anchors: Sequence[Sequence[float]] = ANCHORS, input_size: int | None = None):
         layers, froms, chs = parse(BACKBONE + HEAD, depth_multiple, width_multiple)
