@@ -109,3 +109,19 @@ def test_map50_from_a_yolo_folder_perfect_then_one_box_shifted(tmp_path):
     r = m.compute()
     assert r["ap50"][0] == pytest.approx(51 / 101, abs=1e-6)
     assert r["map50"] == pytest.approx((51 / 101 + 1) / 2, abs=1e-6)
+
+
+def test_data_md5_of_a_stage_output_from_its_dvc_lock(tmp_path):
+    """The offline set is a stage output (prep/dvc.yaml, wdir ..): its runs are tagged with the md5
+    that prep/dvc.lock records, not `untracked`."""
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "prepared" / "fashion_det" / "images").mkdir(parents=True)
+    (tmp_path / "prep" / "dvc.yaml").write_text("stages:\n  fashion_det:\n    wdir: ..\n    cmd: build\n"
+                                                "    outs:\n      - prepared/fashion_det\n")
+    (tmp_path / "prep" / "dvc.lock").write_text("schema: '2.0'\nstages:\n  fashion_det:\n    cmd: build\n    outs:\n"
+                                                "    - path: prepared/fashion_det\n      hash: md5\n"
+                                                "      md5: 0123456789abcdef.dir\n")
+    assert tracking.data_md5(tmp_path / "prepared" / "fashion_det") == "0123456789abcdef.dir"
+    assert tracking.data_md5(tmp_path / "prepared" / "fashion_det" / "images") == "0123456789abcdef.dir"
+    assert tracking.data_md5(tmp_path / "prepared") == "untracked"

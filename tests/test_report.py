@@ -432,3 +432,10 @@ def test_detection_cells_have_map50_compared_like_acc(store, tmp_path):
     assert "mAP50 within noise" in dyn
     st_line = next(line for line in md.splitlines() if line.startswith("| yolov5n | l1_static"))
     assert "mAP50 within noise" not in st_line                                   # -5 and -4: std 0.7
+    from prunegrid.report import figures
+
+    scored = g._scored(means.reset_index())
+    fig = figures.tradeoff_figure(scored, "params_nonzero", "non-zero parameters")
+    front = figures.front_points(fig)
+    assert front and {round(y, 4) for _, y in front} <= {round(v, 4) for v in means["map50"]}
+    assert "mAP50" in fig.axes[0].get_ylabel()

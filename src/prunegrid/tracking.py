@@ -227,7 +227,9 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def data_md5(path: str | Path | None) -> str:
-    """The DVC hash of the data version under ``path``: the md5 in the nearest ``<dir>.dvc`` file."""
+    """The DVC hash of the data version under ``path``: the md5 in the nearest ``<dir>.dvc`` file, or
+    of a stage output recorded in a ``dvc.lock`` of the project (such as the offline detection set,
+    ``prep/dvc.yaml:fashion_det``)."""
     if not path:
         return "untracked"
     p = Path(path).expanduser().resolve()
@@ -241,7 +243,28 @@ def data_md5(path: str | Path | None) -> str:
             outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [])
             if outs and outs[0].get("md5"):
                 return str(outs[0]["md5"])
+        if (candidate / ".dvc").is_dir():
+            return _stage_out_md5(p, candidate) or "untracked"
     return "untracked"
+
+
+def _stage_out_md5(path: Path, root: Path) -> str | None:
+    """The md5 that a ``dvc.lock`` under ``root`` (or one folder below) records for the stage output
+    ``path`` or a folder holding it; paths are relative to the stage's ``wdir`` in its ``dvc.yaml``."""
+    import yaml
+
+    for lock in [root / "dvc.lock", *sorted(root.glob("*/dvc.lock"))]:
+        if not lock.is_file():
+            continue
+        spec = lock.with_name("dvc.yaml")
+        stages = (yaml.safe_load(spec.read_text()) or {}).get("stages", {}) if spec.is_file() else {}
+        for name, stage in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).items():
+            wdir = (lock.parent / str((stages.get(name) or {}).get("wdir", "."))).resolve()
+            for out in stage.get("outs") or []:
+                where = (wdir / str(out.get("path", ""))).resolve()
+                if out.get("md5") and (path == where or where in path.parents):
+                    return str(out["md5"])
+    return None
 
 
 class EpochLogger(Logger):

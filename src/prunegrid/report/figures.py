@@ -77,7 +77,9 @@ def _tradeoff(ax, shown: pd.DataFrame, x: str, xlabel: str, log: bool, where: st
         ax.plot(front[x], front["acc"], "--", color="k", lw=1.2, alpha=0.8, label=name, zorder=2)
     if log and len(shown):
         ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel="test accuracy (mean ± std over seeds)",
+    metric = "test accuracy" if "map50" not in shown or shown["map50"].isna().all() else \
+        "test mAP50" if shown["map50"].notna().all() else "test accuracy (classifiers) / mAP50 (detectors)"
+    ax.set(xlabel=xlabel, ylabel=f"{metric} (mean ± std over seeds)",
            title=f"Accuracy vs {xlabel}{where}: Pareto front = no cell both more accurate and cheaper")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)

@@ -408,6 +408,19 @@ def mark_fronts(means: pd.DataFrame) -> pd.DataFrame:
     return means
 
 
+def _scored(means: pd.DataFrame) -> pd.DataFrame:
+    """``means`` with a detection cell's ``map50`` (and its std) in the ``acc`` columns the trade-off
+    figures draw: each dataset's own primary metric, fronts drawn per dataset and loss."""
+    if "map50" not in means or means["map50"].isna().all():
+        return means
+    out = means.copy()
+    detection = out["acc"].isna() & out["map50"].notna()
+    out.loc[detection, "acc"] = out.loc[detection, "map50"]
+    if "acc_std" in out and "map50_std" in out:
+        out.loc[detection, "acc_std"] = out.loc[detection, "map50_std"]
+    return out
+
+
 def plots(means: pd.DataFrame, out: Path) -> list[Path]:
     """The trade-offs (accuracy vs non-zero params and vs latency: one point per cell, error bars over
     seeds, the Pareto front as a line) and bars of the relative columns with their spread."""
@@ -416,7 +429,8 @@ def plots(means: pd.DataFrame, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = [figures.save(figures.tradeoff_figure(means, x, xlabel, log=log,
+    scored = _scored(means)
+    paths = [figures.save(figures.tradeoff_figure(scored, x, xlabel, log=log,
                                                   by=HOST if x == "infer_ms" and HOST in means else None), out / name)
              for x, name, xlabel, log in TRADEOFFS]
     labels = [_label(r, means) for _, r in means.iterrows()]
