@@ -222,11 +222,15 @@ def test_l1_dynamic_paper_loop_holds_the_amounts_every_epoch(tmp_path):
 
 # -- every method on every detector ------------------------------------------------------------
 
-@pytest.mark.parametrize("option", DETECTORS)
-@pytest.mark.parametrize("prune", options("prune"))
+# YOLOv5m (21 M parameters) with a method that trains it: tens of seconds each on 2 cores, in the slow run;
+# the methods refused on sight stay in the default run for every detector.
+PAIRS = [pytest.param(p, d, marks=[pytest.mark.slow] if d == "yolov5m" and p not in ("quant_int8", "layer_importance",
+                                                                                   "channel", "slimming") else [])
+         for p in options("prune") for d in DETECTORS]
+
+
+@pytest.mark.parametrize("prune, option", PAIRS)
 def test_every_method_runs_on_a_detector_or_is_refused_in_one_line(prune, option, tmp_path):
-    if option == "yolov5m" and prune not in ("none", "quant_int8", "layer_importance"):
-        pytest.skip("yolov5m trains in the slow benchmark; yolov5n covers the methods that train")
     net = detector(option)
     method = build(compose(["task=detection", f"backbone={option}", f"prune={prune}"]).prune)
     ctx = fake_ctx(tmp_path, {})

@@ -542,10 +542,16 @@ def model_memory(path: str | Path, input_size: int, batch_size: int = 32, *, thr
     cmd = [sys.executable, "-m", "prunegrid.measure", str(path), "--input-size", str(input_size),
            "--batch-size", str(batch_size), "--threads", str(threads or 0), "--device", device,
            "--channels", str(channels)]
+    return json_subprocess(cmd, "memory probe", timeout_s)
+
+
+def json_subprocess(cmd: list[str], what: str, timeout_s: float) -> dict[str, float]:
+    """Run a measuring child process and read the JSON object on its last line of output; a
+    failure is one ``RuntimeError`` line naming ``what`` and the child's last error line."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"memory probe exited with {proc.returncode}: {last}")
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -61,7 +61,30 @@ class Relabeled(Dataset):
         return img, self.targets[i]
 
 
-class ImageDataModule(L.LightningDataModule):
+class SplitLoaders(L.LightningDataModule):
+    """The loaders of a data module with ``dataset(split)``, ``batch_size``, ``eval_batch_size``,
+    ``num_workers`` and ``seed``: shuffled (seeded) for ``train`` only, batched by ``collate_fn``."""
+
+    collate_fn: Callable | None = None
+
+    def loader(self, split: str, shuffle: bool | None = None, batch_size: int | None = None) -> DataLoader:
+        shuffle = split == "train" if shuffle is None else shuffle
+        bs = batch_size or (self.batch_size if split == "train" else self.eval_batch_size)
+        return DataLoader(self.dataset(split), batch_size=bs, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=False, collate_fn=self.collate_fn,
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+
+class ImageDataModule(SplitLoaders):
     """Train / val / test loaders with the transforms of Kim (ResNet transfer learning).
 
     Args:
@@ -185,21 +208,6 @@ class ImageDataModule(L.LightningDataModule):
         augment = split == "train" if train_transform is None else train_transform
         return Transformed(base, self.transform(augment))
 
-    def loader(self, split: str, shuffle: bool | None = None, batch_size: int | None = None) -> DataLoader:
-        shuffle = split == "train" if shuffle is None else shuffle
-        bs = batch_size or (self.batch_size if split == "train" else self.eval_batch_size)
-        return DataLoader(self.dataset(split), batch_size=bs, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False,
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.loader("test")
 
     def targets(self, split: str) -> list[int]:
         self.setup()

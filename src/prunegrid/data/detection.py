@@ -24,13 +24,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
+from prunegrid.data.datamodule import SplitLoaders
 from prunegrid.data.sources import IMAGE_EXTENSIONS, Splits
 from prunegrid.errors import ConfigError
 
@@ -391,7 +391,7 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     return images, (torch.cat(targets, 0) if targets else torch.zeros((0, 6)))
 
 
-class DetectionDataModule(L.LightningDataModule):
+class DetectionDataModule(SplitLoaders):
     """Train / val / test loaders of a detection source, with :class:`~prunegrid.data.ImageDataModule`'s
     interface (``setup``, ``splits``, ``classes``, ``num_classes``, ``full_test``, ``dataset``, ``loader``).
 
@@ -404,6 +404,8 @@ class DetectionDataModule(L.LightningDataModule):
         normalize: must stay ``False``: YOLO takes [0, 1] pixels.
         root: where the data lives (the source reads it; kept for the run's ``data_md5`` tag).
     """
+
+    collate_fn = staticmethod(collate)
 
     def __init__(self, source: Callable[[], Splits] | Splits, input_size: int = 128, subset: int | None = None,
                  val_fraction: float = 0.1, batch_size: int = 32, eval_batch_size: int | None = None,
@@ -481,18 +483,3 @@ class DetectionDataModule(L.LightningDataModule):
         """The boxes (n, 5) of every image of a split, without reading the images."""
         return [lb.copy() for lb in self._split(split).labels]
 
-    def loader(self, split: str, shuffle: bool | None = None, batch_size: int | None = None) -> DataLoader:
-        shuffle = split == "train" if shuffle is None else shuffle
-        bs = batch_size or (self.batch_size if split == "train" else self.eval_batch_size)
-        return DataLoader(self.dataset(split), batch_size=bs, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False, collate_fn=collate,
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.loader("test")

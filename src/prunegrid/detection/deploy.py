@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -50,17 +49,27 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+def detect(model, path: str | Path, input_size: int, conf: float, iou: float, max_det: int):
+    """One image as deployed: read the file, resize, scale to [0, 1], run the model, NMS."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from prunegrid.detection.module import non_max_suppression
+
+    img = Image.open(path).convert("RGB").resize((input_size, input_size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return non_max_suppression(model(x), conf, iou, max_det)[0]
+
+
 def run_detector(model_path: str, images: Sequence[str], input_size: int, *, conf: float = 0.25, iou: float = 0.6,
                  max_det: int = 300, threads: int = 1, warmup: int = 3, interval_s: float = 1.0,
                  min_seconds: float = 5.0) -> dict[str, float]:
     """Detect on ``images`` one after another, the sequence repeated until ``min_seconds`` have
     passed (so a 1 s sampler sees the detector running), and report latency and sampled memory."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     from prunegrid import measure
-    from prunegrid.detection.module import non_max_suppression
 
     if threads:
         torch.set_num_threads(threads)
@@ -70,21 +79,17 @@ def run_detector(model_path: str, images: Sequence[str], input_size: int, *, con
     sampler.start()
     with measure.PeakMemory() as mem:
         model = measure.load_model(model_path, classes=classes).eval()
-
-        def detect(path: str) -> torch.Tensor:
-            img = Image.open(path).convert("RGB").resize((input_size, input_size), Image.BILINEAR)
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-            return non_max_suppression(model(x), conf, iou, max_det)[0]
+        run = lambda path: detect(model, path, input_size, conf, iou, max_det)
 
         times, boxes = [], 0
         with torch.inference_mode():
             for path in list(images)[:warmup]:
-                detect(path)
+                run(path)
             t_start = time.perf_counter()
             while not times or time.perf_counter() - t_start < min_seconds:
                 for path in images:
                     t0 = time.perf_counter()
-                    boxes += len(detect(path))
+                    boxes += len(run(path))
                     times.append((time.perf_counter() - t0) * 1e3)
             seconds = time.perf_counter() - t_start
     sampler.stop()
@@ -102,27 +107,19 @@ def interleaved_detectors(model_paths: Sequence[str], images: Sequence[str], inp
     """Whole-detector latency of several models in one process, image by image in turn (A B C,
     B C A, ...), so that their ratios compare like with like on a noisy machine: the ms of every
     image for every model, ``rounds`` passes over ``images``."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     from prunegrid import measure
-    from prunegrid.detection.module import non_max_suppression
 
     if threads:
         torch.set_num_threads(threads)
     models = [measure.load_model(p).eval() for p in model_paths]
     times: dict[str, list[float]] = {str(p): [] for p in model_paths}
 
-    def detect(model, path: str) -> None:
-        img = Image.open(path).convert("RGB").resize((input_size, input_size), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        non_max_suppression(model(x), conf, iou, max_det)
-
     with torch.inference_mode():
         for model in models:
             for path in list(images)[:warmup]:
-                detect(model, path)
+                detect(model, path, input_size, conf, iou, max_det)
         k = 0
         for _ in range(rounds):
             for path in images:
@@ -131,7 +128,7 @@ def interleaved_detectors(model_paths: Sequence[str], images: Sequence[str], inp
                 k += 1
                 for i in order:
                     t0 = time.perf_counter()
-                    detect(models[i], path)
+                    detect(models[i], path, input_size, conf, iou, max_det)
                     times[str(model_paths[i])].append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -144,11 +141,9 @@ def measure_detector(model_path: str | Path, images: Sequence[str | Path], input
            "--input-size", str(input_size), "--conf", str(conf), "--iou", str(iou), "--max-det", str(max_det),
            "--threads", str(threads or 0), "--warmup", str(warmup), "--interval", str(interval_s),
            "--min-seconds", str(min_seconds)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"detector measurement exited with {proc.returncode}: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from prunegrid.measure import json_subprocess
+
+    return json_subprocess(cmd, "detector measurement", timeout_s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-import lightning as L
 import numpy as np
 import torch
 import torchvision
 from torch import nn
+
+from prunegrid.models.module import TaskModule
 
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # its summary table, every validation
 MAP_CONF = 0.001  # the confidence floor of mAP (YOLOv5's val.py): the whole precision-recall curve counts
@@ -127,7 +128,7 @@ class DetectionMetrics:
         self.dets, self.gts = [], []
 
 
-class Detector(L.LightningModule):
+class Detector(TaskModule):
     """A YOLO-style detector (``net(x)``: raw maps in training, decoded boxes in eval), its loss
     (``loss(preds, targets, net.head)``) and optimizer/scheduler factories.
 
@@ -138,15 +139,11 @@ class Detector(L.LightningModule):
         max_det: detections kept per image.
     """
 
-    primary = "map50"
-
     def __init__(self, net: nn.Module, loss: nn.Module, optimizer: Callable, scheduler: Callable | None,
                  num_classes: int, conf: float = 0.25, iou: float = 0.6, max_det: int = 300,
                  backend: str = "faster_coco_eval"):
-        super().__init__()
-        self.net, self.loss_fn = net, loss
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.num_classes, self.conf, self.iou, self.max_det, self.backend = num_classes, conf, iou, max_det, backend
+        super().__init__(net, loss, optimizer, scheduler, num_classes)
+        self.conf, self.iou, self.max_det, self.backend = conf, iou, max_det, backend
         self.val_metrics: DetectionMetrics | None = None
         self.test_metrics: DetectionMetrics | None = None
         self.test_results: dict[str, Any] = {}
@@ -252,13 +249,3 @@ class Detector(L.LightningModule):
                                                  "detect_exact_peak_mb", "detect_increase_mb")})
         m["deploy/boxes_per_image"] = r["detect_boxes_per_image"]
         return m
-
-    def configure_optimizers(self):
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        steps = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
-        scheduler = self.scheduler_factory(optimizer, epochs=epochs, steps_per_epoch=steps)
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}

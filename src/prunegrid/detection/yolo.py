@@ -10,8 +10,9 @@ model by renaming ``model.<i>`` to ``features.<i>`` (``head`` for the Detect lay
 
 The forward pass is a graph, not a chain: Concat layers read earlier outputs (``froms``). Units
 are the 24 numbered layers; none can be removed without breaking the graph, so methods that
-remove units refuse a detector, and no FX graph can be traced through Detect's shape-dependent
-grid, so FX INT8 quantization refuses it too (each in one line, from the contract).
+remove units refuse a detector. FX INT8 quantization refuses it too: it quantizes ``features`` and
+``head`` as two FX graphs of a chain, and here the layers read earlier outputs (each refusal in one
+line, from the contract).
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ class YoloNet(Net):
             x = layer(x)
             if i in self.keep:
                 saved[i] = x
-        return self.head([saved[j] for j in DETECT_FROM], raw=raw) if raw else self.head([saved[j] for j in DETECT_FROM])
+        return self.head([saved[j] for j in DETECT_FROM], raw=raw)
 
     @torch.no_grad()
     def declare(self, input_size: int) -> Contract:
@@ -291,15 +292,9 @@ class YoloNet(Net):
         return tuple(f"head.m.{i}" for i in range(self.head.nl))
 
     def _capabilities(self, units: tuple[Unit, ...]) -> frozenset[str]:
-        import torch.fx
-
-        caps = set(super()._capabilities(units)) - {FX, LOGITS}
-        try:
-            torch.fx.symbolic_trace(self)
-            caps.add(FX)
-        except Exception:
-            pass
-        return frozenset(caps)
+        """A Net's capabilities without ``fx`` (``features`` is a graph, not the chain FX INT8
+        quantizes on its own) and ``logits`` (Detect outputs boxes, not class logits)."""
+        return frozenset(super()._capabilities(units) - {FX, LOGITS})
 
 
 def yolov5(num_classes: int, input_size: int, arch: str = "yolov5n", depth_multiple: float = 0.33,

@@ -21,8 +21,9 @@ from torchmetrics.classification import (
 )
 
 
-class Classifier(L.LightningModule):
-    primary = "acc"
+class TaskModule(L.LightningModule):
+    """What every task's LightningModule shares: ``net``, ``loss_fn`` and the optimizer/scheduler
+    factories, built into Lightning's optimizer configuration."""
 
     def __init__(self, net: nn.Module, loss: nn.Module, optimizer: Callable, scheduler: Callable | None,
                  num_classes: int):
@@ -30,6 +31,22 @@ class Classifier(L.LightningModule):
         self.net, self.loss_fn = net, loss
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.num_classes = num_classes
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        steps = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
+        scheduler = self.scheduler_factory(optimizer, epochs=epochs, steps_per_epoch=steps)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class Classifier(TaskModule):
+    def __init__(self, net: nn.Module, loss: nn.Module, optimizer: Callable, scheduler: Callable | None,
+                 num_classes: int):
+        super().__init__(net, loss, optimizer, scheduler, num_classes)
         acc = lambda: MulticlassAccuracy(num_classes, average="micro")
         self.train_acc, self.val_acc = acc(), acc()
         self.test_metrics = MetricCollection({
@@ -119,13 +136,3 @@ class Classifier(L.LightningModule):
     def deployment_metrics(self, model_path, data, input_size: int, deploy: Any, threads: int | None) -> dict[str, float]:
         """A classifier's deployment is its model: latency and memory are :func:`measure_model`'s."""
         return {}
-
-    def configure_optimizers(self):
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        steps = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
-        scheduler = self.scheduler_factory(optimizer, epochs=epochs, steps_per_epoch=steps)
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
