@@ -439,3 +439,30 @@ def test_detection_cells_have_map50_compared_like_acc(store, tmp_path):
     front = figures.front_points(fig)
     assert front and {round(y, 4) for _, y in front} <= {round(v, 4) for v in means["map50"]}
     assert "mAP50" in fig.axes[0].get_ylabel()
+
+
+def test_noise_sentinel_marks_a_hosts_speedups_unreliable(store, tmp_path):
+    """The none cell timed against itself at 0.75x in ONNX Runtime (a loaded host): every ONNX speed-up of
+    that host is unreliable, the eager ones (sentinel 1.01x) are not."""
+    uri, client, exp = store
+    for seed in (1, 2):
+        log_run(client, exp, "none", seed=seed, speedup__infer=1.01, speedup__infer_onnx=0.75)
+        log_run(client, exp, "channel", seed=seed, ref="none", speedup__infer=2.0, speedup__infer_onnx=3.0)
+    g.build(uri, [exp_name(client, exp)], tmp_path / "rep", mlflow_write=False)
+    md = (tmp_path / "rep" / "grid.md").read_text()
+    summary = md.split("## Speed-ups")[0]
+    rows = {line.split(" | ")[1]: line for line in summary.splitlines() if line.startswith("| resnet18 |")}
+    assert "unreliable: timing noise (onnx: sentinel 0.75x)" in rows["channel"]
+    assert "(eager: sentinel" not in rows["channel"]
+    assert "noise sentinel) read 0.75x in onnx" in summary
+    speedups = md.split("## Speed-ups")[1].split("## Per seed")[0]
+    assert "unreliable: timing noise (onnx: sentinel 0.75x)" in speedups
+
+
+def test_quiet_sentinel_marks_nothing(store, tmp_path):
+    uri, client, exp = store
+    for seed in (1, 2):
+        log_run(client, exp, "none", seed=seed, speedup__infer=0.97, speedup__infer_onnx=1.04)
+        log_run(client, exp, "channel", seed=seed, ref="none", speedup__infer=2.0, speedup__infer_onnx=3.0)
+    g.build(uri, [exp_name(client, exp)], tmp_path / "rep", mlflow_write=False)
+    assert "unreliable" not in (tmp_path / "rep" / "grid.md").read_text()

@@ -31,7 +31,9 @@ standard deviation, with ``n_seeds``; ``grid_seeds.csv`` has the per-seed rows. 
 marks a delta smaller than its spread "within noise", a speed-up whose interval includes 1.0
 "not measurably faster" (the interval spans the runs' interquartile range of paired ratios and the
 mean ± std over seeds), one wholly below 1.0 "measurably slower", rows whose baseline hit the epoch
-cap, and unequal budgets.
+cap, and unequal budgets. The ``none`` cell's speed-up against the identical dense baseline is each host's and
+runtime's noise sentinel: off 1.00 by more than 5 %, every speed-up of that host and runtime is marked
+"unreliable: timing noise" with the sentinel's figure (:func:`sentinels`).
 
 Figures (:mod:`prunegrid.report.figures`): the accuracy trade-offs with their Pareto front
 (``pareto_params`` / ``pareto_latency`` in ``grid.csv``), the relative bars, and the per-epoch curves
@@ -77,6 +79,8 @@ FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "curves.csv", "ac
 CURVES_DIR = "curves"  # curves/curves_<backbone>.png: one folder, so dvc.yaml declares them whatever the backbones
 TRADEOFFS = (("params_nonzero", "acc_vs_params.png", "non-zero parameters", True),
              ("infer_ms", "acc_vs_latency.png", "latency, batch 1, eager PyTorch (ms)", False))
+SENTINEL_TOLERANCE = 0.05  # the none cell timed against itself may read 0.95x-1.05x before a host's timing is noise
+UNRELIABLE = "unreliable: timing noise"
 NOISE, NOT_FASTER, SLOWER, CAP, UNEQUAL = ("within noise", "not measurably faster", "measurably slower",
                                           "hit the epoch cap", "unequal budget")
 
@@ -278,9 +282,29 @@ def _link(run_id: str, exp_id: str, ui: str | None) -> str:
     return f"[{run_id[:8]}]({ui.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id})" if ui else run_id
 
 
-def notes(r: pd.Series) -> list[str]:
-    """The honesty marks of one seed-mean row."""
-    out = []
+def sentinels(means: pd.DataFrame) -> dict[tuple[str, str, str], float]:
+    """The noise sentinel of each dataset, host and runtime: the ``none`` cell's speed-up against the dense
+    baseline it is identical to (``infer_speedup``, ``infer_speedup_onnx``), which reads 1.00x on a quiet host.
+    Keys ``(dataset, host, column)``; only sentinels off 1.00 by more than :data:`SENTINEL_TOLERANCE`."""
+    out = {}
+    base = means[means["prune"] == BASELINE]
+    for _, r in base.iterrows():
+        for col in ("infer_speedup", "infer_speedup_onnx"):
+            v = r.get(col, np.nan)
+            if isinstance(v, (int, float)) and np.isfinite(v) and abs(v - 1.0) > SENTINEL_TOLERANCE:
+                out[(str(r["dataset"]), str(r.get(HOST, "")), col)] = float(v)
+    return out
+
+
+def unreliable(r: pd.Series, noisy: dict[tuple[str, str, str], float], col: str) -> str | None:
+    """``unreliable: timing noise (sentinel 0.75x)`` when the row's host and runtime failed the sentinel."""
+    v = noisy.get((str(r["dataset"]), str(r.get(HOST, "")), col))
+    return None if v is None else f"{UNRELIABLE} ({_deployment(col)}: sentinel {v:.2f}x)"
+
+
+def notes(r: pd.Series, noisy: dict[tuple[str, str, str], float] | None = None) -> list[str]:
+    """The honesty marks of one seed-mean row; ``noisy``: :func:`sentinels` of the table."""
+    out = [m for col in ("infer_speedup", "infer_speedup_onnx") if (m := unreliable(r, noisy or {}, col))]
     n = int(r["n_seeds"])
     own_ref = r["prune"] == r["ref_prune"]
     if not own_ref:
@@ -339,8 +363,10 @@ def speedup_table(means: pd.DataFrame) -> list[str]:
              "Reference rows (`none_ftF`: the baseline's architecture) show the measurement's noise.", "",
              "| " + " | ".join(GROUP_KEYS[:2] + [_deployment(c) for c in cols] + ["notes"]) + " |",
              "|" + "---|" * (len(cols) + 3)]
+    noisy = sentinels(means)
     for _, r in rows_.iterrows():
-        marks = [] if is_baseline_family(r["prune"]) else [
+        marks = [m for c in ("infer_speedup", "infer_speedup_onnx") if (m := unreliable(r, noisy, c))]
+        marks += [] if is_baseline_family(r["prune"]) else [
             f"{m} ({_deployment(c)})" for c in cols if (m := speed_mark(r, c))]
         lines.append("| " + " | ".join([str(r["backbone"]), str(r["prune"])] + [_speedup_text(r, c) for c in cols]
                                        + ["; ".join(marks)]) + " |")
@@ -373,9 +399,15 @@ def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None, ext
                       "are figures of their own host and are not compared across hosts: the latency Pareto front is "
                       "drawn per host, `epoch_speedup` is empty where a method and its baseline ran on different "
                       "hosts, and every speed-up is a ratio timed in one process on one host.", ""]
+    noisy = sentinels(means)
+    if noisy:
+        lines[2:2] = ["The `none` cell timed against itself (the noise sentinel) read " + ", ".join(
+            f"{v:.2f}x in {_deployment(col)} on {host or 'its host'} ({ds})" for (ds, host, col), v in noisy.items())
+            + f": off 1.00 by more than {SENTINEL_TOLERANCE:.0%}, so every speed-up of that host and runtime is marked "
+            f"\"{UNRELIABLE}\".", ""]
     for _, r in means.iterrows():
         vals = [_summary_value(r, c) for c in cols]
-        lines.append("| " + " | ".join([str(r[k]) for k in GROUP_KEYS] + vals + ["; ".join(notes(r))]) + " |")
+        lines.append("| " + " | ".join([str(r[k]) for k in GROUP_KEYS] + vals + ["; ".join(notes(r, noisy))]) + " |")
     lines += speedup_table(means)
     lines += list(extra)
     per = [c for c in grid.columns if c != "experiment_id"]
