@@ -22,7 +22,7 @@ import prunegrid.grid  # noqa: F401  (registers the config resolvers, e.g. refer
 from prunegrid.errors import ConfigError, PrunegridError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ("backbone", "prune", "dataset", "loss", "optimizer", "scheduler", "trainer", "tracking", "task")
+GROUPS = ("backbone", "prune", "dataset", "loss", "optimizer", "scheduler", "finetune", "trainer", "tracking", "task")
 TASK_GROUPS = ("backbone", "dataset", "loss")  # options made for one task say so (YAML key `task`, default classification)
 DEFAULT_TASK = "classification"
 CELL_GROUPS = ("backbone", "prune", "dataset", "loss")
@@ -137,6 +137,8 @@ VALUE_RULES: dict[str, tuple[str, float, bool]] = {
     "dataset.train_per_class": ("int", 1, True),
     "optimizer.lr": ("positive", 0, False),
     "optimizer.weight_decay": ("number", 0, True),
+    "finetune.optimizer.lr": ("positive", 0, False),
+    "bn_recalibration.batches": ("int", 1, False),
     "measure.threads": ("int", 1, False),
     "measure.threads_all": ("int", 1, True),
     "measure.batch_size": ("int", 1, False),

@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from prunegrid import interrupt, measure, plots, tracking
+from prunegrid import hardware, interrupt, measure, plots, tracking
 from prunegrid.budget import TAG_REF_PRUNE, Budget
 from prunegrid.config import build, cell, check_values, flatten, with_choices
 from prunegrid.errors import ConfigError, one_line
@@ -170,12 +170,16 @@ class Cell:
         self.loss = build(cfg.loss)
         self.optimizer = build(cfg.optimizer)
         self.scheduler = build(cfg.scheduler)
+        self.finetune_optimizer = build(cfg.finetune.optimizer)
+        self.finetune_scheduler = build(cfg.finetune.scheduler) if cfg.finetune.get("scheduler") else None
+        self.precision = hardware.resolve_precision(cfg.trainer.get("precision", "32-true"))
         self.fits: list[FitStats] = []
         self.budget = Budget()
         self.tracker: tracking.Tracker | None = None
         self.logger: tracking.EpochLogger | None = None
         self.checkpoints: Path | None = None  # the run's checkpoint folder (set once the run exists)
         self._fits_started = 0
+        self.recipes: list[str] = []  # the recipe of each fit this process ran: main or finetune
 
     # -- steps offered to methods through Context ---------------------------------------
     def _trainer(self, epochs: int, callbacks: list, logger: Any, early_stopping: bool = True,
@@ -191,12 +195,17 @@ class Cell:
                                        monitor=None, enable_version_counter=False))
         elif not any(isinstance(c, ModelCheckpoint) for c in cbs):
             cbs.append(ModelCheckpoint(save_top_k=0, save_last=False))
-        node = OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"])
-        return build(node, max_epochs=epochs, callbacks=cbs + list(callbacks), logger=logger,
+        return build(self._trainer_node(), max_epochs=epochs, callbacks=cbs + list(callbacks), logger=logger,
                      default_root_dir=str(self.out), plugins=[AtomicCheckpointIO()])
 
+    def _trainer_node(self) -> DictConfig:
+        """The trainer's settings without its callbacks, ``precision: auto`` resolved for this machine."""
+        node = OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"])
+        node.precision = self.precision
+        return node
+
     def fit(self, net: nn.Module, epochs: int, callbacks: list | tuple = (), *, early_stopping: bool = True,
-            stop_after: int | None = None) -> nn.Module:
+            stop_after: int | None = None, finetune: bool = False) -> nn.Module:
         """Train ``net`` for up to ``epochs`` with the configured trainer; return the best weights
         (checkpoint chosen on the validation split).
 
@@ -209,13 +218,20 @@ class Cell:
         and, when it ends, its result (``done.pt``). A resumed run replays its fits in order: a
         fit that had ended is restored from ``done.pt`` (weights, statistics, random state), the
         interrupted one continues from ``last.ckpt`` (optimizer, scheduler, epoch, callbacks).
+
+        ``finetune=True`` trains with the fine-tuning recipe (``cfg.finetune``: its own optimizer and
+        schedule) instead of the main fit's. Every fit starts with the whole net in train mode: a net
+        that comes back from evaluation or from a saved file is in eval mode, and Lightning keeps the
+        mode it finds, which would fine-tune with frozen BatchNorm statistics and dropout off.
         """
         k = self._fits_started
         self._fits_started += 1
         fit_dir = self.checkpoints / f"fit{k}" if self.checkpoints is not None else None
         if fit_dir is not None and (fit_dir / DONE_FILE).is_file():
             return self._restore_fit(net, fit_dir / DONE_FILE)
-        module = self.module(net)
+        net.train()
+        module = self.module(net, finetune=finetune)
+        self.recipes.append("finetune" if finetune else "main")
         record = FitRecord()
         extra = [StopAfter(stop_after)] if stop_after else []
         trainer = self._trainer(epochs, [record, *extra, *callbacks], self.logger or False,
@@ -263,8 +279,12 @@ class Cell:
         _set_rng_state(done["rng"])
         return net
 
-    def module(self, net: nn.Module):
-        """The task's LightningModule around ``net`` (``task.module``: a classifier or a detector)."""
+    def module(self, net: nn.Module, finetune: bool = False):
+        """The task's LightningModule around ``net`` (``task.module``: a classifier or a detector), with
+        the main fit's optimizer and schedule, or the fine-tuning recipe's (``finetune``)."""
+        if finetune:
+            return self.module_factory(net, self.loss, self.finetune_optimizer, self.finetune_scheduler,
+                                       self.num_classes)
         return self.module_factory(net, self.loss, self.optimizer, self.scheduler, self.num_classes)
 
     def evaluate(self, net: nn.Module, split: str = "val", max_batches: int | None = None) -> dict[str, float]:
@@ -274,9 +294,8 @@ class Cell:
         net's train/eval mode is kept."""
         module = self.module(net)
         on_cpu = isinstance(net, Net) and net.contract is not None and FLOAT not in net.contract.capabilities
-        node = OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"])
-        trainer = build(node, logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=max_batches or 1.0,
+        trainer = build(self._trainer_node(), logger=False, callbacks=[], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=max_batches or 1.0,
                         default_root_dir=str(self.out), **({"accelerator": "cpu"} if on_cpu else {}))
         was = net.training
         try:
@@ -289,7 +308,8 @@ class Cell:
         tr = self.tracker
         return Context(
             num_classes=self.num_classes, input_size=self.input_size, seed=int(self.cfg.seed),
-            fit=self.fit, evaluate=self.evaluate, loader=self.data.loader,
+            fit=lambda net, epochs, callbacks=(): self.fit(net, epochs, callbacks, early_stopping=False, finetune=True),
+            evaluate=self.evaluate, loader=self.data.loader,
             log_metrics=(lambda m: tr.log_metrics(m)) if tr else (lambda m: None),
             log_artifact=(lambda p, a=None: tr.log_artifact(p, a)) if tr else (lambda p, a=None: None),
             artifact_dir=tr.artifact_dir if tr else self.out, extras={"cfg": self.cfg, "cell": self.cell},
@@ -299,8 +319,7 @@ class Cell:
     # -- the whole cell -------------------------------------------------------------------
     def test(self, net: nn.Module) -> dict[str, Any]:
         module = self.module(net)
-        trainer = build(OmegaConf.masked_copy(self.cfg.trainer, [k for k in self.cfg.trainer if k != "callbacks"]),
-                        logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
+        trainer = build(self._trainer_node(), logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False,
                         default_root_dir=str(self.out))
         trainer.test(module, datamodule=self.data, verbose=False)
         return module.test_results
@@ -363,6 +382,32 @@ def train_or_load(c: Cell, ctx: Context, start_net: nn.Module | None,
     net = c.fit(net, epochs, c.method.callbacks(ctx), stop_after=matched[0])
     c.budget.converged = matched[1]
     return net
+
+
+def recalibrate(c: Cell, net: nn.Module) -> nn.Module:
+    """BatchNorm recalibration after a structural change (NNCF's "BN adaptation"): the running statistics
+    re-estimated on ``bn_recalibration.batches`` training batches with no weight update (torch's
+    ``swa_utils.update_bn``), unless ``bn_recalibration.enabled=false``. Logs the validation metrics right
+    after the change and after recalibration (``recovery/after_change_*``, ``recovery/after_recalibration_*``)."""
+    from itertools import islice
+
+    from torch.optim.swa_utils import update_bn
+
+    rcfg = c.cfg.get("bn_recalibration") or {}
+    metrics = {f"{RECOVERY}after_change_{k}": v for k, v in c.evaluate(net, "val").items()}
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    if rcfg.get("enabled", True) and has_bn:
+        device = next(net.parameters()).device
+        batches = int(rcfg.get("batches", 20))
+        log.info("BatchNorm recalibration on %d training batches", batches)
+        update_bn(islice(c.data.loader("train", shuffle=True), batches), net, device=device)
+        metrics.update({f"{RECOVERY}after_recalibration_{k}": v for k, v in c.evaluate(net, "val").items()})
+    if c.tracker is not None:
+        c.tracker.log_metrics(metrics)
+    return net
+
+
+RECOVERY, TAG_RECIPES, TAG_PRECISION = "recovery/", "fit_recipes", "precision"
 
 
 @dataclass
@@ -458,8 +503,12 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
 
         net = train_or_load(c, ctx, start_net, matched)
         net = c.method.after_fit(net, ctx)
+        if c.method.structural:
+            net = recalibrate(c, net)
         if c.method.finetune_epochs:
-            net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx), early_stopping=False)
+            net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx), early_stopping=False,
+                        finetune=True)
+        tr.set_tags({TAG_RECIPES: ",".join(c.recipes) or "none", TAG_PRECISION: c.precision})
 
         metrics = {f"val/final_{k}": v for k, v in c.evaluate(net, "val").items()}
         test = c.test(net)

@@ -7,7 +7,7 @@ the number of epochs and the optimizer steps per epoch of the fit.
 from __future__ import annotations
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR, ReduceLROnPlateau
 
 
 def cosine(optimizer: Optimizer, *, epochs: int, steps_per_epoch: int, t_max_fraction: float = 0.5,
@@ -15,6 +15,21 @@ def cosine(optimizer: Optimizer, *, epochs: int, steps_per_epoch: int, t_max_fra
     """CosineAnnealingLR stepped per epoch with ``T_max = epochs * t_max_fraction`` (Kim (ResNet transfer learning): epochs/2)."""
     t_max = max(1, round(epochs * t_max_fraction))
     return {"scheduler": CosineAnnealingLR(optimizer, T_max=t_max, eta_min=eta_min), "interval": "epoch"}
+
+
+def cosine_steps(optimizer: Optimizer, *, epochs: int, steps_per_epoch: int, eta_min: float = 0.0) -> dict:
+    """Cosine decay stepped per batch from the optimizer's lr to ``eta_min`` over the whole fit, with no
+    warm-up: the fine-tuning schedule of the pruning literature (a small learning rate that only falls)."""
+    return {"scheduler": CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch), eta_min=eta_min),
+            "interval": "step"}
+
+
+def plateau(optimizer: Optimizer, *, epochs: int, steps_per_epoch: int, factor: float = 0.2, patience: int = 1,
+            monitor: str = "val/loss") -> dict:
+    """ReduceLROnPlateau on ``monitor``, checked after every validation: a schedule whose end is not tied to
+    the epoch cap, so early stopping (not ``max_epochs``) decides when a fit has converged."""
+    return {"scheduler": ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience),
+            "interval": "epoch", "monitor": monitor}
 
 
 def onecycle(optimizer: Optimizer, *, epochs: int, steps_per_epoch: int, max_lr_factor: float = 3.0,

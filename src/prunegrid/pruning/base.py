@@ -39,7 +39,7 @@ from prunegrid.models.net import CAPABILITIES, Net
 class Context:
     """What a method may use, without knowing about Lightning or MLflow.
 
-    ``fit(net, epochs, callbacks=())`` trains and returns the net (for fine-tuning);
+    ``fit(net, epochs, callbacks=())`` fine-tunes the net (the fine-tuning recipe, all epochs) and returns it;
     ``evaluate(net, split, max_batches=None)`` returns ``{"acc", "loss"}``;
     ``loader(split, shuffle=None)`` gives batches of transformed images; ``loss`` is the cell's
     configured loss (``loss(logits, targets)``).
@@ -75,6 +75,8 @@ class PruningMethod:
             pipeline trains a plain baseline first, or loads ``baseline_ckpt``, and the grid runs the
             method in the stage that reuses the ``prune=none`` cell's model. ``False`` when the
             method shapes training itself (``before_fit``, ``callbacks``) from scratch.
+        structural: ``True`` when ``after_fit`` changes the architecture (channels removed, layers cut):
+            the pipeline then recalibrates BatchNorm statistics before fine-tuning (``bn_recalibration``).
 
     Args:
         baseline_ckpt: a saved final model of the matching ``prune=none`` cell; when given,
@@ -86,6 +88,7 @@ class PruningMethod:
     name = BASELINE
     namespace: ClassVar[str | None] = None
     from_baseline: ClassVar[bool] = False
+    structural: ClassVar[bool] = False
     requires: tuple[str, ...] = ()
 
     def __init__(self, baseline_ckpt: str | None = None, finetune_epochs: int = 0):

@@ -70,8 +70,11 @@ def check_ratios(ratio: float, max_layer_ratio: float, key: str = "ratio") -> No
 def all_trainable(net: nn.Module):
     """Every parameter requires grad inside the block (torch-pruning traces through autograd: a frozen
     stem would drop out of its residual group); each parameter's flag comes back by name afterwards,
-    also for the new, thinner parameters pruning puts in their place."""
+    also for the new, thinner parameters pruning puts in their place. Each module's train/eval mode
+    comes back too: torch-pruning traces in eval mode, and a net left there would train with frozen
+    BatchNorm statistics."""
     flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    modes = {n: m.training for n, m in net.named_modules()}
     for p in net.parameters():
         p.requires_grad_(True)
     try:
@@ -79,6 +82,8 @@ def all_trainable(net: nn.Module):
     finally:
         for n, p in net.named_parameters():
             p.requires_grad_(flags.get(n, True))
+        for n, m in net.named_modules():
+            m.training = modes.get(n, m.training)
 
 
 def check_traceable(net: Net, method: str, input_size: int) -> None:
@@ -177,6 +182,7 @@ class ChannelPruning(PruningMethod):
 
     name = "channel"
     from_baseline = True
+    structural = True
     requires = (CONV, LOGITS)  # importance and the Taylor loss read class logits
 
     def __init__(self, importance: str = "l1", ratio: float = 0.5, global_pruning: bool = False,
@@ -221,7 +227,6 @@ class ChannelPruning(PruningMethod):
         if after["model/params"] >= self.before["model/params"]:
             raise ConfigError(f"prune={self.name} removed no channel of {net.arch}; "
                               "raise prune.ratio or check that the backbone has prunable layers")
-        ctx.log_metrics({self.key("acc_before_finetune"): ctx.evaluate(net, "val")["acc"]})
         return net
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:

@@ -353,6 +353,7 @@ class LayerImportance(PruningMethod):
 
     name = "layer_importance"
     from_baseline = True
+    structural = True
 
     def __init__(self, score: str = "weight_x_activation",
                  layer_types: Sequence[str] = ("Conv2d", "Linear", "BatchNorm2d"),
