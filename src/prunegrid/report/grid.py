@@ -287,8 +287,8 @@ def sentinels(means: pd.DataFrame) -> dict[tuple[str, str, str], float]:
     baseline it is identical to (``infer_speedup``, ``infer_speedup_onnx``), which reads 1.00x on a quiet host.
     Keys ``(dataset, host, column)``; only sentinels off 1.00 by more than :data:`SENTINEL_TOLERANCE`."""
     out = {}
-    base = means[means["prune"] == BASELINE]
-    for _, r in base.iterrows():
+    baseline_rows = means[means["prune"] == BASELINE]
+    for _, r in baseline_rows.iterrows():
         for col in ("infer_speedup", "infer_speedup_onnx"):
             v = r.get(col, np.nan)
             if isinstance(v, (int, float)) and np.isfinite(v) and abs(v - 1.0) > SENTINEL_TOLERANCE:
