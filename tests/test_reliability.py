@@ -125,6 +125,26 @@ def test_korean_class_names_get_four_keys_with_the_right_values(tmp_path, korean
 
 # -- interruptions and resume -----------------------------------------------------------------
 
+def test_a_signal_inside_a_store_write_lets_the_write_finish_then_ends_the_run_killed(tmp_path):
+    from prunegrid import interrupt
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tr = tracking.Tracker(uri, "e", "cell", {})
+    with interrupt.signals(), pytest.raises(interrupt.Interrupted):
+        with tr.run({}):
+            write = tr.client.log_batch
+
+            def signalled_mid_write(*args, **kwargs):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)   # the handler runs here, in the middle of the write
+                return write(*args, **kwargs)
+
+            tr.client.log_batch = signalled_mid_write
+            tr.log_metrics({"m": 1.0})
+    _, (r,) = _runs(uri)
+    assert r.data.metrics == {"m": 1.0} and r.info.status == "KILLED" and "SIGTERM" in r.data.tags["status_detail"]
+
+
 def test_sigint_and_sigterm_mid_fit_end_killed_without_test_metrics_then_resume(tmp_path):
     outcome: dict[str, tuple] = {}
 

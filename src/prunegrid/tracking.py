@@ -6,13 +6,14 @@ The pipeline logs through :class:`Tracker`; the grid report reads runs back thro
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
@@ -319,6 +320,19 @@ class EpochLogger(Logger):
         self.offset += epochs_done
 
 
+def _whole(write: Callable) -> Callable:
+    """Run a store write under :func:`prunegrid.interrupt.deferred`: a SIGINT/SIGTERM raised in the
+    middle of a SQLite transaction leaves its connection holding the lock, and the run's own
+    KILLED update then fails with 'database is locked'."""
+    @functools.wraps(write)
+    def whole(*args, **kwargs):
+        from prunegrid.interrupt import deferred
+
+        with deferred():
+            return write(*args, **kwargs)
+    return whole
+
+
 class Tracker:
     """One MLflow run per cell: tags, flattened params, metrics, artifacts; FAILED on error, KILLED on
     SIGINT/SIGTERM, and reopened to resume."""
@@ -331,6 +345,7 @@ class Tracker:
         self._tmp = tempfile.TemporaryDirectory(prefix="prunegrid-")
         self.artifact_dir = Path(self._tmp.name)
 
+    @_whole
     def resumable(self, config_md5: str) -> str | None:
         """The latest KILLED or FAILED run of this experiment with the same ``config_md5``, if any."""
         exp = self.client.get_experiment_by_name(self.experiment)
@@ -384,27 +399,33 @@ class Tracker:
         finally:
             self._tmp.cleanup()
 
+    @_whole
     def log_params(self, params: dict[str, Any]) -> None:
         items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
+    @_whole
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         items = [mlflow.entities.Metric(k, float(v), mlflow.utils.time.get_current_time_millis(), step or 0)
                  for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
+    @_whole
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    @_whole
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_whole
     def log_text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
+    @_whole
     def log_figure(self, fig, name: str) -> None:
         self.client.log_figure(self.run_id, fig, name)
 
