@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from torch import nn
 
-from prunegrid import budget, hardware
+from prunegrid import budget, hardware, measure
 from prunegrid.config import build, compose, options
 from prunegrid.pipeline import recalibrate, run
 from tests.conftest import tiny
@@ -162,3 +162,44 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
                     "processor\t: 1\nflags\t\t: fpu\n")
     assert hardware.cpu_flags(str(info)) == {"fpu", "sse2", "avx2", "amx_bf16"}
     assert hardware.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+class FormatSpy(Callback):
+    """The memory format of the first conv weight at each training step, and after the fit."""
+
+    seen: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        w = next(m.weight for m in pl_module.net.modules() if isinstance(m, nn.Conv2d))
+        FormatSpy.seen.append(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
+
+
+def test_channels_last_trains_nhwc_and_hands_back_contiguous_weights(tmp_path):
+    FormatSpy.seen = []
+    cfg = compose(tiny(tmp_path, *FAST, "+trainer.callbacks.fmt._target_=tests.test_recipe.FormatSpy"))
+    result = run(cfg)
+    assert FormatSpy.seen and all(FormatSpy.seen), FormatSpy.seen
+    saved = measure.load_model(result.model_path)
+    assert all(p.is_contiguous() for p in saved.parameters())
+
+    FormatSpy.seen = []
+    run(compose(tiny(tmp_path, *FAST, "trainer.callbacks.channels_last=null",
+                     "+trainer.callbacks.fmt._target_=tests.test_recipe.FormatSpy")))
+    assert FormatSpy.seen and not any(FormatSpy.seen)
+
+
+def test_a_cell_logs_its_phase_split(tmp_path):
+    _, r, _ = _run(tmp_path, "measure.memory=true")
+    phases = {k for k in r.data.metrics if k.startswith(measure.Laps.PREFIX)}
+    for name in ("build", "train", "evaluate", "save", "latency_eager", "onnx", "memory", "explain", "outputs"):
+        assert f"{measure.Laps.PREFIX}{name}_s" in phases, sorted(phases)
+    assert all(r.data.metrics[k] >= 0 for k in phases)
+    assert r.data.metrics[f"{measure.Laps.PREFIX}train_s"] >= r.data.metrics["time/train_s"] * 0.99
+
+
+def test_laps_add_up_per_name(monkeypatch):
+    clock = iter([100.0, 101.5, 104.0, 104.25])
+    monkeypatch.setattr(measure.time, "time", lambda: next(clock))
+    laps = measure.Laps(since_process_start=False)
+    laps.lap("a"), laps.lap("b"), laps.lap("a")
+    assert laps.metrics() == {"time/phase_a_s": 1.75, "time/phase_b_s": 2.5}

@@ -9,6 +9,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+from lightning.pytorch.callbacks import Callback
+
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 AUTO = "auto"
 
@@ -30,8 +33,24 @@ def resolve_precision(value, *, flags: frozenset[str] | None = None, cuda: bool 
     if str(value) != AUTO:
         return str(value)
     if cuda is None:
-        import torch
-
         cuda = torch.cuda.is_available()
     flags = cpu_flags() if flags is None else flags
     return "bf16-mixed" if cuda or any(f in flags for f in BF16_FLAGS) else "32-true"
+
+
+
+class ChannelsLast(Callback):
+    """Train the module in channels_last (NHWC) memory format, where oneDNN (CPU) and cuDNN
+    convolutions may run faster. The weights go back to the default format when the fit ends or
+    fails, so saved models and every measurement see the same tensors as without it. On by default
+    (``trainer.callbacks.channels_last``; ``=null`` turns it off); ``benchmarks/bench_precision.py``
+    measures whether it helps on this machine."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        pl_module.to(memory_format=torch.contiguous_format)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        pl_module.to(memory_format=torch.contiguous_format)

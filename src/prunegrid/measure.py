@@ -365,6 +365,32 @@ class PeakMemory:
             self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
+class Laps:
+    """Wall-clock seconds per phase of a cell: :meth:`lap` closes the phase that began at the
+    previous lap. The first ``Laps`` of a process with ``since_process_start`` begins at the
+    process's start (imports and config composition count); later ones (multirun, sweeps) at their
+    creation. :meth:`metrics` gives ``time/phase_<name>_s`` (a repeated name adds up) for the
+    cell-overhead split (``benchmarks/bench_cell_overhead.py``)."""
+
+    PREFIX = "time/phase_"
+    _process_counted = False
+
+    def __init__(self, since_process_start: bool = True):
+        first = since_process_start and not Laps._process_counted
+        Laps._process_counted = Laps._process_counted or first
+        self._last = psutil.Process().create_time() if first else time.time()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> float:
+        now = time.time()
+        took, self._last = now - self._last, now
+        self.seconds[name] = self.seconds.get(name, 0.0) + took
+        return took
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{self.PREFIX}{k}_s": v for k, v in self.seconds.items()}
+
+
 def static_metrics(model: nn.Module, input_size: int) -> dict[str, float]:
     """Size figures of a model: dense/non-zero parameters, sparsity and FLOPs."""
     params = count_params(model)

@@ -461,6 +461,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> CellResult:
 
 
 def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
+    laps = measure.Laps()
+    laps.lap("startup")
     check_values(cfg)  # before anything is built or logged (train.py -m, sweeps, configs built in code)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     cfg = with_choices(cfg)
@@ -501,6 +503,7 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         if c.data.splits.bad_images:
             tr.log_metrics({"data/bad_images_skipped": c.data.splits.bad_images})
 
+        laps.lap("build")
         net = train_or_load(c, ctx, start_net, matched)
         net = c.method.after_fit(net, ctx)
         if c.method.structural:
@@ -509,27 +512,33 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
             net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx), early_stopping=False,
                         finetune=True)
         tr.set_tags({TAG_RECIPES: ",".join(c.recipes) or "none", TAG_PRECISION: c.precision})
+        laps.lap("train")
 
         metrics = {f"val/final_{k}": v for k, v in c.evaluate(net, "val").items()}
         test = c.test(net)
         metrics.update(c.module_cls.test_metrics_of(test, c.data.classes))
+        laps.lap("evaluate")
         net.train_budget = c.budget.as_dict()
         net, baseline_net = net.cpu(), baseline_net.cpu()
         model_path = measure.save_model(net, tr.artifact_dir / tracking.MODEL_FILE)
         tr.log_artifact(model_path, tracking.ARTIFACT_MODEL_DIR)
         tr.set_tags({tracking.TAG_MODEL_MD5: tracking.file_md5(model_path)})
+        laps.lap("save")
         with sysm.paused(), measure.exclusive(cfg.measure.get("lock")) as window:
             metrics.update(measure_model(net, baseline_net, model_path, method=c.method, input_size=c.input_size,
-                                         mcfg=cfg.measure, tr=tr))
+                                         mcfg=cfg.measure, tr=tr, laps=laps))
             metrics.update(_deployment(c, net, model_path))
+            laps.lap("deployment")
         metrics["time/measure_wait_s"] = window["wait_s"]
         tr.set_tags({tracking.TAG_MEASURE_WINDOW: f"{window['start']:.3f}-{window['end']:.3f}"})
         if cfg.tracking.get("log_model", True):
             _log_mlflow_model(c, tr, net)
+        laps.lap("log_model")
         metrics.update(fit_metrics(c.fits, c.budget))
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)
         c.module_cls.log_reports(tr, test, c.data.classes, c.logger.history)
+        laps.lap("reports")
         from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (BaiNa & Joe (explainable channel attention))
         explained, stand_in = c.method.explained(net)
         if (cfg.get("explain") or {}).get("enabled", False):
@@ -538,10 +547,13 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
             explained, test=c.data.full_test, transform=c.data.transform(False), classes=c.data.classes,
             normalized=bool(c.data.normalize), cell=c.cell, input_size=c.input_size, ecfg=cfg.get("explain"),
             tr=tr, baseline_ckpt=c.method.baseline_ckpt, stand_in=stand_in))
+        laps.lap("explain")
         result = CellResult(metrics, tr.run_id, model_path, test, list(c.fits))
         _write_outputs(cfg, net, result, c.cell)
         if cfg.paths.get("metrics_out"):
             tr.log_artifact(cfg.paths.metrics_out, tracking.ARTIFACT_OUTPUTS)
+        laps.lap("outputs")
+        tr.log_metrics(laps.metrics())
     shutil.rmtree(c.checkpoints, ignore_errors=True)
     _summary(c.cell, result, tr.uri)
     return result
@@ -644,10 +656,13 @@ def fit_metrics(fits: list[FitStats], budget: Budget) -> dict[str, float]:
 
 
 def measure_model(net: nn.Module, baseline_net: nn.Module, model_path: Path, *, method: PruningMethod,
-                  input_size: int, mcfg: DictConfig, tr: tracking.Tracker) -> dict[str, float]:
+                  input_size: int, mcfg: DictConfig, tr: tracking.Tracker,
+                  laps: measure.Laps | None = None) -> dict[str, float]:
     """The measurements every cell gets, the same functions for the baseline and every method:
     parameters, FLOPs and size (the dense baseline's counts alongside), latency against the dense
-    baseline in eager PyTorch and in ONNX Runtime, and the saved model's memory."""
+    baseline in eager PyTorch and in ONNX Runtime, and the saved model's memory (each step a lap
+    of ``laps``)."""
+    laps = laps or measure.Laps(since_process_start=False)
     m = measure.static_metrics(net, input_size)
     m["model/size_mb"] = measure.file_size_mb(model_path)
     m[tracking.SIZE_COMPRESSED] = measure.compressed_size_mb(net)
@@ -656,11 +671,15 @@ def measure_model(net: nn.Module, baseline_net: nn.Module, model_path: Path, *, 
               if k in ("model/params", "model/flops")})
     device = measure.resolve_device(mcfg.get("device", "auto"), net, input_size)
     tr.set_tags({tracking.TAG_MEASURE_DEVICE: device})
+    laps.lap("static")
     log.info("measuring: eager latency against the dense baseline on %s (%d interleaved rounds x 3 deployments)",
              device, int(mcfg.repeats))
     m.update(_latency(net, baseline_net, input_size, mcfg, device))
+    laps.lap("latency_eager")
     m.update(_onnx_metrics(method, net, baseline_net, input_size, mcfg, tr))
+    laps.lap("onnx")
     m.update(_memory(model_path, input_size, mcfg, device, tr))
+    laps.lap("memory")
     return m
 
 
