@@ -30,9 +30,9 @@ from prunegrid import hardware  # noqa: E402
 from prunegrid.config import compose  # noqa: E402
 from prunegrid.pipeline import run  # noqa: E402
 
-NO_CL = "trainer.callbacks.channels_last=null"
-VARIANTS = {"fp32": ["trainer.precision=32-true", NO_CL], "fp32_cl": ["trainer.precision=32-true"],
-            "bf16": ["trainer.precision=bf16-mixed", NO_CL], "bf16_cl": ["trainer.precision=bf16-mixed"]}
+CL = "trainer.callbacks.channels_last={_target_:prunegrid.hardware.ChannelsLast}"
+VARIANTS = {"fp32": ["trainer.precision=32-true"], "fp32_cl": ["trainer.precision=32-true", CL],
+            "bf16": ["trainer.precision=bf16-mixed"], "bf16_cl": ["trainer.precision=bf16-mixed", CL]}
 
 
 def one(tmp: Path, variant: str, seed: int, subset: int, epochs: int) -> dict[str, float]:

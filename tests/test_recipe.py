@@ -176,15 +176,15 @@ class FormatSpy(Callback):
 
 def test_channels_last_trains_nhwc_and_hands_back_contiguous_weights(tmp_path):
     FormatSpy.seen = []
-    cfg = compose(tiny(tmp_path, *FAST, "+trainer.callbacks.fmt._target_=tests.test_recipe.FormatSpy"))
-    result = run(cfg)
+    spy = "+trainer.callbacks.fmt._target_=tests.test_recipe.FormatSpy"
+    run(compose(tiny(tmp_path, *FAST, spy, "trainer.callbacks.channels_last={_target_:prunegrid.hardware.ChannelsLast}",
+                     f"paths.model_out={tmp_path}/model.pt")))
     assert FormatSpy.seen and all(FormatSpy.seen), FormatSpy.seen
-    saved = measure.load_model(result.model_path)
+    saved = measure.load_model(tmp_path / "model.pt")
     assert all(p.is_contiguous() for p in saved.parameters())
 
     FormatSpy.seen = []
-    run(compose(tiny(tmp_path, *FAST, "trainer.callbacks.channels_last=null",
-                     "+trainer.callbacks.fmt._target_=tests.test_recipe.FormatSpy")))
+    run(compose(tiny(tmp_path, *FAST, spy)))   # the default: off
     assert FormatSpy.seen and not any(FormatSpy.seen)
 
 

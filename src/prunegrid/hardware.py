@@ -42,9 +42,10 @@ def resolve_precision(value, *, flags: frozenset[str] | None = None, cuda: bool 
 class ChannelsLast(Callback):
     """Train the module in channels_last (NHWC) memory format, where oneDNN (CPU) and cuDNN
     convolutions may run faster. The weights go back to the default format when the fit ends or
-    fails, so saved models and every measurement see the same tensors as without it. On by default
-    (``trainer.callbacks.channels_last``; ``=null`` turns it off); ``benchmarks/bench_precision.py``
-    measures whether it helps on this machine."""
+    fails, so saved models and every measurement see the same tensors as without it. Off by default
+    (``trainer.callbacks.channels_last``): ``torch.nn.utils.prune``'s masks (``l1_static``,
+    ``l1_dynamic``) call ``.view(-1)`` on the weights, which NHWC weights refuse.
+    ``benchmarks/bench_precision.py`` measures whether it helps on this machine."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
         pl_module.to(memory_format=torch.channels_last)
