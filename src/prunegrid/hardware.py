@@ -38,7 +38,6 @@ def resolve_precision(value, *, flags: frozenset[str] | None = None, cuda: bool 
     return "bf16-mixed" if cuda or any(f in flags for f in BF16_FLAGS) else "32-true"
 
 
-
 class ChannelsLast(Callback):
     """Train the module in channels_last (NHWC) memory format, where oneDNN (CPU) and cuDNN
     convolutions may run faster. The weights go back to the default format when the fit ends or
