@@ -50,7 +50,7 @@ def test_one_detection_cell_finishes_with_every_contract_key(tmp_path, det_set):
     assert tags["deploy_status"] == "ok" and tags["onnx_status"] == "ok" and tags["status_detail"] == ""
     assert (tags["backbone"], tags["dataset"], tags["loss"]) == ("yolov5n", "fashion_det", "yolov5")
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "curves.png", "detection_report.txt", "model"} <= arts
+    assert {"config.yaml", "learning_curves.png", "detection_report.txt", "model"} <= arts
     report = Path(client.download_artifacts(run.info.run_id, "detection_report.txt", str(tmp_path))).read_text()
     assert "Sneaker" in report and "mAP50-95" in report
 

@@ -189,7 +189,11 @@ def test_dvc_plots_show_renders_every_declared_plot(tmp_path):
     exp = client.create_experiment("plots")
     for seed in (1, 2):
         for prune, acc, params in (("none", 0.90, 1000), ("channel", 0.85, 400)):
-            log_epochs(client, log_run(client, exp, prune, seed=seed, test__acc=acc, model__params_nonzero=params))
+            run_id = log_run(client, exp, prune, seed=seed, test__acc=acc, model__params_nonzero=params)
+            log_epochs(client, run_id)
+            if prune == "channel":  # the method tags the pipeline sets: the trade-off plot has its point
+                for k, v in {"method": "channel", "strength_knob": "ratio", "strength": "0.5", "control": "none"}.items():
+                    client.set_tag(run_id, k, v)
     repo = tmp_path / "repo"
     repo.mkdir()
     report.build(uri, ["plots"], repo / "reports", mlflow_write=False)
@@ -197,14 +201,15 @@ def test_dvc_plots_show_renders_every_declared_plot(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump({"grid": {  # what dvc.yaml's templating reads (write_params: ~10 s)
         "backbones": ["resnet18"], "datasets": ["fashion_mnist"], "losses": ["cross_entropy"], "seeds": [1, 2],
         "overrides": "", "pretrain": {"overrides": ""}, "baseline": "none",
-        "methods": {"from_baseline": ["channel"], "scratch": []}, "references": [{"prune": "none_ft1", "finetune": 1}]}}))
+        "methods": {"from_baseline": ["channel"], "scratch": []}, "references": [{"prune": "none_ft1", "finetune": 1}],
+        "strengths": None, "controls": [], "tradeoff": {}}}))
     sh(repo, "git", "init", "-q")
     sh(repo, sys.executable, "-m", "dvc", "init", "-q")
 
     declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     top = [next(iter(p)) if isinstance(p, dict) else p for p in declared["plots"]]
     images = [next(iter(p)) if isinstance(p, dict) else p for p in declared["stages"]["grid"]["plots"]]
-    assert "reports/curves.csv" in top and len(top) >= 2 and "reports/acc_vs_latency.png" in images
+    assert "reports/learning_curves.csv" in top and len(top) >= 2 and "reports/acc_vs_latency.png" in images
     res = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json", "-o", str(tmp_path / "html")],
                          cwd=repo, env=_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -218,4 +223,4 @@ def test_dvc_plots_show_renders_every_declared_plot(tmp_path):
         assert rendered, f"{path} not rendered: {sorted(shown['data'])}"
         for k in rendered:
             assert shown["data"][k][0]["type"] == "image" and Path(shown["data"][k][0]["url"]).is_file()
-    assert "reports/curves/curves_resnet18.png" in shown["data"]
+    assert "reports/learning_curves/learning_curves_resnet18.png" in shown["data"]

@@ -254,14 +254,14 @@ def test_grid_parent_run_nests_the_cells_and_holds_the_figures(store, tmp_path):
         assert client.get_run(rid).data.tags[tracking.TAG_PARENT_RUN] == parent.info.run_id
     assert tracking.TAG_PARENT_RUN not in client.get_run(sweep).data.tags
     logged = {f.path for f in client.list_artifacts(parent.info.run_id)}
-    assert {"grid.md", "grid.csv", "curves.csv", "acc_vs_params.png", "acc_vs_latency.png", "relative.png",
-            "curves_resnet18.png"} <= logged
+    assert {"grid.md", "grid.csv", "learning_curves.csv", "acc_vs_params.png", "acc_vs_latency.png", "relative.png",
+            "learning_curves_resnet18.png", "tradeoff.csv", "tradeoff_compression.png"} <= logged
     assert parent.info.run_id in (tmp_path / "rep" / "grid.md").read_text()
 
-    curves = pd.read_csv(tmp_path / "rep" / "curves.csv")
+    curves = pd.read_csv(tmp_path / "rep" / "learning_curves.csv")
     assert {"cell", "prune", "seed", "epoch", "val/acc", "train/loss"} <= set(curves.columns)
     assert len(curves) == 4 * 3 and sorted(curves["epoch"].unique()) == [0, 1, 2]
-    assert (tmp_path / "rep" / "curves" / "curves_resnet18.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "learning_curves" / "learning_curves_resnet18.png").stat().st_size > 1000
 
     again = g.build(uri, [name], tmp_path / "rep2", ui=None)     # the first grid run is no cell either
     assert set(again["run_id"]) == set(cells)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import prunegrid.grid  # noqa: F401  (registers the config resolvers, e.g. reference_name)
 from prunegrid.errors import ConfigError, PrunegridError
+from prunegrid.strength import STRENGTH, knob, prune_label
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("backbone", "prune", "dataset", "loss", "optimizer", "scheduler", "finetune", "trainer", "tracking", "task")
@@ -103,7 +104,7 @@ def unknown_key(key: str, overrides: list[str], config_name: str = "config") -> 
     names = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
     full = lambda n: f"{parent}.{n}" if parent else n  # noqa: E731
     close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.6)
-    hidden = {"_target_", "label", "choices"}
+    hidden = {"_target_", "label", "choices", STRENGTH}
     shown = [n for n in names if n not in hidden]
     if parent in GROUPS and depth == 1 and not close:
         chosen = composed.choices.get(parent) if composed.get("choices") else None
@@ -185,12 +186,12 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def build(node: DictConfig | None, **kwargs: Any) -> Any:
-    """Instantiate a group node (``_target_``), dropping its ``name`` label."""
+    """Instantiate a group node (``_target_``), dropping what labels it (``label``, ``task``, ``strength``)."""
     if node is None:
         return None
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    data.pop("label", None)
-    data.pop("task", None)
+    for key in ("label", "task", STRENGTH):
+        data.pop(key, None)
     try:
         return instantiate(data, **kwargs)
     except InstantiationException as exc:  # keep our one-line errors one line
@@ -234,8 +235,20 @@ def with_choices(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def default_strength(method: str) -> Any:
+    """The strength ``conf/prune/<method>.yaml`` sets (``None``: it names no strength, or there is no such YAML)."""
+    path = conf_dir() / "prune" / f"{method}.yaml"
+    node = OmegaConf.load(path) if path.is_file() else {}
+    k = knob(node)
+    return node.get(k) if k else None
+
+
 def cell(cfg: DictConfig) -> dict[str, str]:
     """The cell a config describes: the option chosen in each cell group (or the label its YAML
-    computes), plus the seed."""
+    computes), plus the seed. The prune label carries the method's strength when it is not the YAML's,
+    and its control (:func:`prunegrid.strength.prune_label`: ``channel-r0.7-random``)."""
     picked = choices(cfg)
-    return {**{g: str(cfg[g].get("label") or picked[g]) for g in CELL_GROUPS}, "seed": str(cfg.seed)}
+    out = {g: str(cfg[g].get("label") or picked[g]) for g in CELL_GROUPS}
+    if not cfg.prune.get("label"):
+        out["prune"] = prune_label(picked["prune"], cfg.prune, default_strength(picked["prune"]))
+    return {**out, "seed": str(cfg.seed)}

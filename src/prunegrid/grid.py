@@ -15,6 +15,13 @@ equal-budget reference cells the grid must train: ``prune=none`` fine-tuned for 
 ``finetune_epochs`` of the methods (``none_ft1``, ...), so every method's accuracy is compared
 with a model trained for the same total epochs.
 
+Trade-off curves (``+experiment=tradeoff``): ``grid.strengths`` maps methods to the values of the
+strength their YAML names (``strength: ratio``), and ``grid.controls`` lists the controls
+(:data:`prunegrid.strength.CONTROLS`) to run beside them at the same strengths and seeds, where the
+method offers them. The resolver ``grid_tradeoff`` expands them into one item per extra cell, keyed by
+the cell's name, for ``dvc.yaml``'s ``tradeoff`` stage; the method at its YAML's own strength is the
+grid's ordinary cell.
+
 This module imports no torch at import time: Hydra imports it in every process through
 ``src/hydra_plugins/prunegrid_grid.py`` so the resolvers exist wherever the config resolves.
 Reading a method's class (to learn ``from_baseline``) imports that class, on demand.
@@ -115,6 +122,62 @@ def references(spec: Any) -> list[dict]:
     return [{"prune": reference_name(f), "finetune": f} for f in epochs]
 
 
+def _plain(spec: Any) -> Any:
+    return OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else spec
+
+
+def tradeoff(strengths: Any, controls: Any, backbones: Any, datasets: Any, losses: Any, seeds: Any) -> dict:
+    """The extra cells of the trade-off curves: every method of ``strengths`` at each of its values and,
+    at each value, every control of ``controls`` the method offers; for every backbone, data set, loss
+    and seed. Keyed by the cell's name (``resnet18-channel-r0.7-random-fashion_mnist-cross_entropy-s1``);
+    each item holds what ``dvc.yaml``'s ``tradeoff`` stage needs: ``prune`` (the YAML), ``label``,
+    ``args`` (the method options), ``start`` (how the cell starts from the baseline cell's model) and
+    ``base`` (that model)."""
+    from prunegrid.strength import CONTROLS, fmt, prune_label
+
+    strengths, controls = _plain(strengths) or {}, _plain(controls) or []
+    if not isinstance(strengths, dict):
+        raise ConfigError(f"grid.strengths={strengths} must map methods to lists of strengths, e.g. "
+                          "grid.strengths={channel:[0.3,0.5,0.7]}")
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise ConfigError(f"grid.controls names unknown control '{unknown[0]}'; valid: {', '.join(CONTROLS)}")
+    out: dict[str, dict] = {}
+    for method, values in strengths.items():
+        if method not in _options("prune"):
+            raise ConfigError(f"grid.strengths names unknown prune '{method}'; valid options: {', '.join(_options('prune'))}")
+        data = _method_yaml(method)
+        knob = data.get("strength")
+        if not knob:
+            raise ConfigError(f"grid.strengths.{method}: conf/prune/{method}.yaml names no strength "
+                              "(add `strength: <option>`)")
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise ConfigError(f"grid.strengths.{method} is empty; give a list of {knob} values")
+        offered = getattr(method_class(method), "controls", ())
+        start = "++prune.baseline_ckpt" if from_baseline(method) else "++budget.match"
+        for value in dict.fromkeys(values):
+            for control in [None] + [c for c in controls if c in offered]:
+                sets = CONTROLS[control] if control else {}
+                label = prune_label(method, {**data, knob: value, **sets}, data.get(knob))
+                if label == method:
+                    continue
+                args = " ".join([f"prune.{knob}={fmt(value)}",
+                                 *(f"prune.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sets.items())])
+                for b, d, lo, s in _product(backbones, datasets, losses, seeds):
+                    base = f"models/{b}-{BASELINE}-{d}-{lo}-s{s}.pt"
+                    out[f"{b}-{label}-{d}-{lo}-s{s}"] = {
+                        "backbone": b, "prune": method, "label": label, "dataset": d, "loss": lo, "seed": s,
+                        "args": args, "start": f"{start}={base}", "base": base}
+    return out
+
+
+def _product(*lists: Any):
+    import itertools
+
+    return itertools.product(*(_plain(x) for x in lists))
+
+
 def _register() -> None:
     def spec_of(spec):
         return OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
@@ -122,6 +185,7 @@ def _register() -> None:
     resolvers = {
         "grid_prunes": lambda spec, kind="all": OmegaConf.create(prunes(spec, kind)),
         "grid_references": lambda spec: OmegaConf.create(references(spec_of(spec))),
+        "grid_tradeoff": lambda *a: OmegaConf.create(tradeoff(*a)),
         "grid_baseline": lambda: BASELINE,
         "reference_name": lambda epochs: reference_name(epochs),
     }
@@ -153,6 +217,12 @@ def check(grid: dict) -> dict:
     if fixed:
         raise ConfigError(f"grid.overrides may not set {fixed[0].split('=')[0]}: the grid derives it (equal-budget "
                           "references); set finetune_epochs in conf/prune/<method>.yaml")
+    strengths = grid.get("strengths") or {}
+    outside = [m for m in strengths if m in _options("prune") and m not in prunes(grid.get("prunes"))]
+    if outside:
+        raise ConfigError(f"grid.strengths.{outside[0]}: {outside[0]} is not in grid.prunes; add it there, so its "
+                          "own cell and its equal-budget reference are in the grid too")
+    tradeoff(strengths, grid.get("controls"), grid["backbones"], grid["datasets"], grid["losses"], seeds)
     return grid
 
 
@@ -166,6 +236,9 @@ def cells(grid: dict) -> list[dict[str, str]]:
     for b, p, d, lo, s in itertools.product(grid["backbones"], prune_list, grid["datasets"], grid["losses"],
                                             grid["seeds"]):
         out.append({"backbone": b, "prune": p, "dataset": d, "loss": lo, "seed": str(s)})
+    for item in (grid.get("tradeoff") or {}).values():
+        out.append({"backbone": item["backbone"], "prune": item["label"], "dataset": item["dataset"],
+                    "loss": item["loss"], "seed": str(item["seed"])})
     return out
 
 
@@ -259,7 +332,8 @@ def main(argv: list[str] | None = None) -> int | None:
           f" prunes (references {', '.join(r['prune'] for r in grid.get('references', [])) or '-'}) x "
           f"{len(grid['datasets'])} datasets x {len(grid['losses'])} losses x {len(grid['seeds'])} seeds; "
           f"methods from the baseline model: {', '.join(grid['methods']['from_baseline']) or '-'}; "
-          f"trained from scratch: {', '.join(grid['methods']['scratch']) or '-'}")
+          f"trained from scratch: {', '.join(grid['methods']['scratch']) or '-'}"
+          + (f"; trade-off cells (strengths x controls x seeds): {len(grid['tradeoff'])}" if grid.get("tradeoff") else ""))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ from torch import nn
 
 from prunegrid import hardware, interrupt, measure, plots, tracking
 from prunegrid.budget import TAG_REF_PRUNE, Budget
-from prunegrid.config import build, cell, check_values, flatten, with_choices
+from prunegrid.config import build, cell, check_values, choices, flatten, with_choices
 from prunegrid.errors import ConfigError, one_line
 from prunegrid.models.module import Classifier
 from prunegrid.models.net import FLOAT, Net
 from prunegrid.pruning.base import Context, PruningMethod
+from prunegrid.strength import control_of, fmt, knob
 
 log = logging.getLogger("prunegrid")
 logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines; avoid doubles
@@ -384,6 +385,41 @@ def train_or_load(c: Cell, ctx: Context, start_net: nn.Module | None,
     return net
 
 
+def reinitialize(net: nn.Module) -> nn.Module:
+    """Every layer of ``net`` back to PyTorch's default initialisation (``reset_parameters``), its
+    architecture untouched; BatchNorm running statistics reset too."""
+    for module in net.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return net
+
+
+def scratch_e(c: Cell, net: nn.Module) -> nn.Module:
+    """Scratch-E (Liu et al., "Rethinking the Value of Network Pruning", ICLR 2019): the architecture the
+    method produced, re-initialised (:func:`reinitialize`) and trained from scratch with the main recipe
+    for as many epochs as the pruned-and-fine-tuned model had in all (its start model's epochs plus
+    ``finetune_epochs``), every epoch (no early stopping). The budget then counts this training only,
+    which equals the equal-budget reference's; ``train/converged`` stays the start model's."""
+    epochs = c.budget.epochs + c.method.finetune_epochs
+    if epochs < 1:
+        raise ConfigError("prune.reinit=true needs the epochs of the start model; give prune.baseline_ckpt "
+                          "(or budget.match) of a trained prune=none cell")
+    log.info("Scratch-E: the pruned architecture re-initialised and trained from scratch for %d epochs", epochs)
+    converged = c.budget.converged
+    c.budget = Budget(converged=converged)
+    return c.fit(reinitialize(net), epochs, early_stopping=False)
+
+
+def _method_tags(cfg: DictConfig) -> dict[str, str]:
+    """The method, its strength and its control as run tags (the trade-off report groups runs by them)."""
+    method = choices(cfg).get("prune", "")
+    k = knob(cfg.prune)
+    tags = {tracking.TAG_METHOD: method, tracking.TAG_CONTROL: control_of(cfg.prune) or "none"}
+    if k:
+        tags.update({tracking.TAG_STRENGTH_KNOB: k, tracking.TAG_STRENGTH: fmt(cfg.prune.get(k))})
+    return tags
+
+
 def recalibrate(c: Cell, net: nn.Module) -> nn.Module:
     """BatchNorm recalibration after a structural change (NNCF's "BN adaptation"): the running statistics
     re-estimated on ``bn_recalibration.batches`` training batches with no weight update (torch's
@@ -481,7 +517,7 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
     commit = tracking.git_commit(Path(__file__).parent)
     tags = {**c.cell, **tracking.source_tags(commit), tracking.TAG_RUN_KIND: "cell", "git_commit": commit,
             "data_md5": tracking.data_md5(cfg.dataset.get("root")), "status_detail": "running",
-            TAG_REF_PRUNE: c.method.reference, tracking.TAG_CONFIG_MD5: config_md5,
+            TAG_REF_PRUNE: c.method.reference, tracking.TAG_CONFIG_MD5: config_md5, **_method_tags(cfg),
             tracking.TAG_HOST: tracking.host_name(), **_baseline_tags(c, cfg),
             **{str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()}}
     exp = cfg.tracking.get("experiment") or c.cell["dataset"]
@@ -506,11 +542,14 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
         laps.lap("build")
         net = train_or_load(c, ctx, start_net, matched)
         net = c.method.after_fit(net, ctx)
-        if c.method.structural:
-            net = recalibrate(c, net)
-        if c.method.finetune_epochs:
-            net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx), early_stopping=False,
-                        finetune=True)
+        if c.method.reinit:
+            net = scratch_e(c, net)
+        else:
+            if c.method.structural:
+                net = recalibrate(c, net)
+            if c.method.finetune_epochs:
+                net = c.fit(net, c.method.finetune_epochs, c.method.finetune_callbacks(ctx), early_stopping=False,
+                            finetune=True)
         tr.set_tags({TAG_RECIPES: ",".join(c.recipes) or "none", TAG_PRECISION: c.precision})
         laps.lap("train")
 

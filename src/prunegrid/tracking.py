@@ -91,12 +91,16 @@ BASELINE_INFER_MS = BASELINE_PREFIX + "infer_ms"   # the dense backbone timed in
 
 ARTIFACT_CONFIG = "config.yaml"
 ARTIFACT_CONFUSION = "confusion_matrix.png"
-ARTIFACT_CURVES = "curves.png"
+ARTIFACT_CURVES = "learning_curves.png"
 ARTIFACT_REPORT = "classification_report.txt"
 ARTIFACT_DETECTION_REPORT = "detection_report.txt"  # per-class AP50, precision and recall of a detector
 ARTIFACT_MODEL_DIR = "model"
 MODEL_FILE = "model.pt"
 ARTIFACT_OUTPUTS = "outputs"             # the cell's paths.metrics_out JSON, as DVC's metrics file holds it
+TAG_METHOD = "method"                    # the method's YAML (conf/prune/<method>.yaml), whatever its strength or control
+TAG_STRENGTH_KNOB = "strength_knob"      # the option that YAML names as its strength (ratio, amount, k)
+TAG_STRENGTH = "strength"                # its value in this run
+TAG_CONTROL = "control"                  # "none", or the control this run is (random, scratch)
 TAG_HOST = "host"                        # the machine the cell ran (and was timed) on
 TAG_MODEL_MD5 = "model_md5"              # md5 of the final model file (model/model.pt = paths.model_out)
 TAG_BASELINE_MD5 = "baseline_md5"        # md5 of the baseline model the cell read (prune.baseline_ckpt, budget.match)
@@ -492,7 +496,7 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, fini
         return pd.DataFrame()
     out = df[["run_id", "status", "experiment_id", "start_time"]].copy()
     out["run_name"] = df.get("tags.mlflow.runName", "")
-    for t in (*TAGS, "ref_prune", TAG_HOST):
+    for t in (*TAGS, "ref_prune", TAG_HOST, TAG_METHOD, TAG_STRENGTH_KNOB, TAG_STRENGTH, TAG_CONTROL):
         out[t] = df[f"tags.{t}"].fillna("") if f"tags.{t}" in df else ""
     for col, values in extra.items():
         out[col] = values[df.index]

@@ -18,6 +18,13 @@ Whether a method lightens a *trained* baseline is declared once, by the class at
 ``from_baseline``; the pipeline, the grid and ``dvc.yaml`` take it from there. The pipeline is
 one sequence: train (or load) the baseline, or let the method shape training from scratch;
 apply the method (``after_fit``); fine-tune for ``finetune_epochs``.
+
+Controls (Blalock et al., "What is the State of Neural Network Pruning?", MLSys 2020; Liu et al.,
+"Rethinking the Value of Network Pruning", ICLR 2019) are options of the methods themselves, listed in
+:data:`CONTROLS` as the method options they set, and offered by a method through ``controls``:
+``random`` ranks at random (``importance: random``) with everything else unchanged; ``scratch``
+(Scratch-E, ``reinit: true``) re-initialises the pruned architecture and trains it from scratch for as
+many epochs as the pruned-and-fine-tuned model had in all.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from prunegrid import measure
 from prunegrid.budget import BASELINE, reference_name
 from prunegrid.errors import ConfigError
 from prunegrid.models.net import CAPABILITIES, Net
+from prunegrid.strength import CONTROLS, RANDOM, control_of  # noqa: F401  (RANDOM: the methods' random importance)
 
 
 @dataclass
@@ -77,12 +85,17 @@ class PruningMethod:
             method shapes training itself (``before_fit``, ``callbacks``) from scratch.
         structural: ``True`` when ``after_fit`` changes the architecture (channels removed, layers cut):
             the pipeline then recalibrates BatchNorm statistics before fine-tuning (``bn_recalibration``).
+        controls: the :data:`CONTROLS` the method offers (``random``: it has a random importance;
+            ``scratch``: it is structural, so its architecture can be trained from scratch).
 
     Args:
         baseline_ckpt: a saved final model of the matching ``prune=none`` cell; when given,
             the main training is skipped and the method starts from that model.
         finetune_epochs: epochs of training after ``after_fit`` (0: none). Fine-tuning runs exactly
             this many epochs (no early stopping), so budgets add up.
+        reinit: Scratch-E (structural methods only): after ``after_fit``, re-initialise every weight of
+            the new architecture and train it with the main recipe for the baseline's epochs plus
+            ``finetune_epochs``, instead of fine-tuning the pruned weights.
     """
 
     name = BASELINE
@@ -90,12 +103,22 @@ class PruningMethod:
     from_baseline: ClassVar[bool] = False
     structural: ClassVar[bool] = False
     requires: tuple[str, ...] = ()
+    controls: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, baseline_ckpt: str | None = None, finetune_epochs: int = 0):
+    def __init__(self, baseline_ckpt: str | None = None, finetune_epochs: int = 0, reinit: bool = False):
         if finetune_epochs is None or finetune_epochs < 0:
             raise ConfigError(f"prune.finetune_epochs={finetune_epochs} must be 0 or more")
+        if reinit and not self.structural:
+            raise ConfigError(f"prune.reinit=true (Scratch-E) re-trains a pruned architecture; prune={self.name} "
+                              "keeps the architecture, so there is none to re-train")
         self.baseline_ckpt = baseline_ckpt or None
         self.finetune_epochs = int(finetune_epochs)
+        self.reinit = bool(reinit)
+
+    @property
+    def control(self) -> str | None:
+        """Which control of :data:`CONTROLS` this configuration is (``None``: the method itself)."""
+        return control_of({k: getattr(self, k, None) for sets in CONTROLS.values() for k in sets})
 
     @property
     def reference(self) -> str:

@@ -35,6 +35,7 @@ IMPORTANCES = {
     "l2": lambda: tp.importance.MagnitudeImportance(p=2),
     "bn_scale": lambda: tp.importance.BNScaleImportance(normalizer=None),  # raw |gamma|: one global threshold
     "taylor": tp.importance.TaylorImportance,
+    "random": tp.importance.RandomImportance,  # the random control: the same structural change, ranked at random
 }
 
 
@@ -172,23 +173,25 @@ class ChannelPruning(PruningMethod):
     """Prune channels of the trained model (after_fit), then fine-tune.
 
     Args:
-        importance: ``l1``, ``l2``, ``bn_scale`` or ``taylor`` (gradients of ``calibration_batches``
-            training batches).
+        importance: ``l1``, ``l2``, ``bn_scale``, ``taylor`` (gradients of ``calibration_batches``
+            training batches) or ``random`` (the random control).
         ratio: share of channels removed, in (0, 1); 0.5 keeps half the channels of every layer.
         global_pruning: rank channels across the whole network (false: the same share per layer).
         max_layer_ratio: most any one layer may lose, in (0, 1) and at least ``ratio``.
         calibration_batches: training batches for Taylor importance.
+        reinit: Scratch-E (see :class:`~prunegrid.pruning.base.PruningMethod`).
     """
 
     name = "channel"
     from_baseline = True
     structural = True
+    controls = ("random", "scratch")
     requires = (CONV, LOGITS)  # importance and the Taylor loss read class logits
 
     def __init__(self, importance: str = "l1", ratio: float = 0.5, global_pruning: bool = False,
                  max_layer_ratio: float = 0.9, calibration_batches: int = 4, finetune_epochs: int = 1,
-                 baseline_ckpt: str | None = None):
-        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs)
+                 baseline_ckpt: str | None = None, reinit: bool = False):
+        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs, reinit=reinit)
         if importance not in IMPORTANCES:
             raise ConfigError(f"prune.importance={importance} is unknown; use one of {', '.join(IMPORTANCES)}")
         check_fraction("ratio", ratio, low_open=True)

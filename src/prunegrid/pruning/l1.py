@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 import torch.nn.utils.prune as prune
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
@@ -27,7 +28,7 @@ from torch import nn
 from prunegrid import measure
 from prunegrid.errors import ConfigError
 from prunegrid.models.net import BATCHNORM, CONV, Net
-from prunegrid.pruning.base import Context, PruningMethod, check_fraction
+from prunegrid.pruning.base import RANDOM, Context, PruningMethod, check_fraction
 
 log = logging.getLogger("prunegrid")
 
@@ -42,6 +43,7 @@ KINDS: dict[str, type[nn.Module]] = {"conv": nn.Conv2d, "bn": nn.BatchNorm2d}
 SCOPES = ("layerwise", "global")
 SCHEDULES = ("paper", "gradual", "constant")
 RAMPS = ("linear", "cubic")
+IMPORTANCES = ("l1", RANDOM)
 
 
 def weights(net: nn.Module, kind: type[nn.Module]) -> list[tuple[nn.Module, str]]:
@@ -49,20 +51,32 @@ def weights(net: nn.Module, kind: type[nn.Module]) -> list[tuple[nn.Module, str]
     return [(m, "weight") for m in net.modules() if isinstance(m, kind) and getattr(m, "weight", None) is not None]
 
 
-def l1_prune(net: nn.Module, kind: type[nn.Module], amount: float, scope: str) -> None:
+def l1_prune(net: nn.Module, kind: type[nn.Module], amount: float, scope: str, importance: str = "l1") -> None:
     """Mask the ``amount`` smallest-|w| weights of all ``kind`` layers: per layer, or ranked globally.
 
+    ``importance="random"`` is the random control: the same share, ranked at random among the
+    non-zero weights (zeros rank lowest, as under L1, so pruning an already sparse layer adds to it).
     Repeated calls stack (torch's ``PruningContainer``): ``amount`` is then a share of the
     weights still unpruned.
     """
     params = weights(net, kind)
     if not params or amount <= 0:
         return
+    if importance not in IMPORTANCES:
+        raise ConfigError(f"prune.importance={importance} must be one of {', '.join(IMPORTANCES)}")
+    scores = {p: _random_scores(getattr(*p)) for p in params} if importance == RANDOM else None
     if scope == "global":
-        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount,
+                                  importance_scores=scores)
     else:
         for module, name in params:
-            prune.l1_unstructured(module, name, amount=amount)
+            prune.l1_unstructured(module, name, amount=amount,
+                                  importance_scores=None if scores is None else scores[(module, name)])
+
+
+def _random_scores(weight: torch.Tensor) -> torch.Tensor:
+    nonzero = (weight.detach() != 0).to(weight.dtype)
+    return nonzero * (1 + torch.rand_like(weight.detach()))
 
 
 def make_permanent(net: nn.Module) -> nn.Module:
@@ -88,13 +102,19 @@ class _L1Pruning(PruningMethod):
         scope: ``layerwise`` (each layer loses ``amount`` of its weights, as the paper's loop over
             modules) or ``global`` (one L1 ranking over all layers of a type,
             ``prune.global_unstructured``).
+        importance: ``l1`` (magnitude) or ``random`` (the random control: the same shares, at random).
     """
 
     requires = (CONV,)
     namespace = NAMESPACE
+    controls = (RANDOM,)
 
-    def __init__(self, amount: float = 0.4, bn_amount: float = 0.3, scope: str = "layerwise", **kw):
+    def __init__(self, amount: float = 0.4, bn_amount: float = 0.3, scope: str = "layerwise",
+                 importance: str = "l1", **kw):
         super().__init__(**kw)
+        if importance not in IMPORTANCES:
+            raise ConfigError(f"prune.importance={importance} must be one of {', '.join(IMPORTANCES)}")
+        self.importance = importance
         check_fraction("amount", amount)
         check_fraction("bn_amount", bn_amount)
         if scope not in SCOPES:
@@ -109,7 +129,7 @@ class _L1Pruning(PruningMethod):
 
     def prune_all(self, net: nn.Module, amounts: dict[str, float]) -> None:
         for kind, amount in amounts.items():
-            l1_prune(net, KINDS[kind], amount, self.scope)
+            l1_prune(net, KINDS[kind], amount, self.scope, self.importance)
 
     def report(self, net: nn.Module, ctx: Context) -> dict[str, float]:
         return {**sparsity_metrics(net), self.key("conv_layers"): len(weights(net, nn.Conv2d)),
@@ -191,10 +211,11 @@ class EpochStartPruning(ModelPruning):
     The lottery-ticket rewind of ``ModelPruning`` is off (the paper keeps training).
     """
 
-    def __init__(self, kind: type[nn.Module], amount: float, schedule: str, ramp: str, scope: str):
+    def __init__(self, kind: type[nn.Module], amount: float, schedule: str, ramp: str, scope: str,
+                 importance: str = "l1"):
         self.kind, self.target, self.schedule, self.ramp = kind, amount, schedule, ramp
         self.epochs = 1
-        super().__init__("l1_unstructured", parameter_names=["weight"], use_global_unstructured=scope == "global",
+        super().__init__(f"{importance}_unstructured", parameter_names=["weight"], use_global_unstructured=scope == "global",
                          amount=self._amount, make_pruning_permanent=True, use_lottery_ticket_hypothesis=False,
                          prune_on_train_epoch_end=False)
 
@@ -225,13 +246,13 @@ class PaperDynamicPruning(Callback):
     Conv2d/BatchNorm2d sparsity right after each pruning (logged as ``l1/prune_conv_sparsity``).
     """
 
-    def __init__(self, amounts: dict[str, float], scope: str):
-        self.amounts, self.scope = amounts, scope
+    def __init__(self, amounts: dict[str, float], scope: str, importance: str = "l1"):
+        self.amounts, self.scope, self.importance = amounts, scope, importance
         self.history: list[dict[str, float]] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         for kind, amount in self.amounts.items():
-            l1_prune(pl_module, KINDS[kind], amount, self.scope)
+            l1_prune(pl_module, KINDS[kind], amount, self.scope, self.importance)
         make_permanent(pl_module)
         self.history.append(sparsity_metrics(pl_module))
 
@@ -282,8 +303,9 @@ class L1Dynamic(_L1Pruning):
         cfg = ctx.extras.get("cfg")
         self._epochs = int(cfg.trainer.max_epochs) if cfg is not None else 1
         if self.schedule == "paper":
-            return [PaperDynamicPruning({k: a for k, a in self.amounts.items() if a > 0}, self.scope), SparsityLogger()]
-        return [*(EpochStartPruning(KINDS[k], a, self.schedule, self.ramp, self.scope)
+            return [PaperDynamicPruning({k: a for k, a in self.amounts.items() if a > 0}, self.scope, self.importance),
+                    SparsityLogger()]
+        return [*(EpochStartPruning(KINDS[k], a, self.schedule, self.ramp, self.scope, self.importance)
                   for k, a in self.amounts.items() if a > 0), SparsityLogger()]
 
     def final_amounts(self) -> dict[str, float]:

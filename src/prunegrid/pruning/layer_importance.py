@@ -349,18 +349,21 @@ class LayerImportance(PruningMethod):
         dropout: dropout of the new classifier head.
         ablation: also run the layer-removal check on the trained baseline.
         ablation_batches: validation batches per ablation evaluation (null: the whole split).
+        reinit: Scratch-E (see :class:`~prunegrid.pruning.base.PruningMethod`): the rebuilt network
+            trained from scratch.
     """
 
     name = "layer_importance"
     from_baseline = True
     structural = True
+    controls = ("scratch",)
 
     def __init__(self, score: str = "weight_x_activation",
                  layer_types: Sequence[str] = ("Conv2d", "Linear", "BatchNorm2d"),
                  calibration_batches: int = 4, k: int | None = 6, cumulative_share: float | None = None,
                  dropout: float = 0.3, ablation: bool = False, ablation_batches: int | None = 4,
-                 baseline_ckpt: str | None = None, finetune_epochs: int = 1):
-        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs)
+                 baseline_ckpt: str | None = None, finetune_epochs: int = 1, reinit: bool = False):
+        super().__init__(baseline_ckpt=baseline_ckpt, finetune_epochs=finetune_epochs, reinit=reinit)
         if score not in SCORES:
             raise ConfigError(f"prune.score={score} is unknown; use one of {', '.join(SCORES)}")
         self.layer_classes = layer_classes(layer_types)

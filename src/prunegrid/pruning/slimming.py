@@ -68,6 +68,9 @@ class NetworkSlimming(ChannelPruning):
             160 epochs of SGD; larger for the short CPU runs here).
         ratio: share of all BN-followed channels removed (global threshold), in (0, 1).
         max_layer_ratio: most any one layer may lose, in (0, 1).
+        importance: ``bn_scale`` (the paper: smallest |gamma| first) or ``random`` (the random control:
+            the same sparsity training and share removed, channels chosen at random).
+        reinit: Scratch-E (see :class:`~prunegrid.pruning.base.PruningMethod`).
     """
 
     name = "slimming"
@@ -75,13 +78,16 @@ class NetworkSlimming(ChannelPruning):
     requires = (CONV, BATCHNORM, LOGITS)
 
     def __init__(self, sparsity_lambda: float = 1e-3, ratio: float = 0.5, max_layer_ratio: float = 0.9,
-                 finetune_epochs: int = 1, baseline_ckpt: str | None = None):
+                 finetune_epochs: int = 1, baseline_ckpt: str | None = None, importance: str = "bn_scale",
+                 reinit: bool = False):
         if sparsity_lambda is None or sparsity_lambda < 0:
             raise ConfigError(f"prune.sparsity_lambda={sparsity_lambda} must be 0 or more")
         if baseline_ckpt:
             raise ConfigError("prune=slimming trains with its own BN penalty from scratch; set prune.baseline_ckpt=null")
-        super().__init__(importance="bn_scale", ratio=ratio, global_pruning=True, max_layer_ratio=max_layer_ratio,
-                         finetune_epochs=finetune_epochs, baseline_ckpt=None)
+        if importance not in ("bn_scale", "random"):
+            raise ConfigError(f"prune.importance={importance} must be bn_scale (network slimming) or random (its control)")
+        super().__init__(importance=importance, ratio=ratio, global_pruning=True, max_layer_ratio=max_layer_ratio,
+                         finetune_epochs=finetune_epochs, baseline_ckpt=None, reinit=reinit)
         self.sparsity_lambda = float(sparsity_lambda)
         self.gamma_before: torch.Tensor | None = None
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         table = g.build(args.tracking_uri, args.experiment, args.out, ids, grid, args.ui or None,
                         mlflow_write=not args.no_mlflow)
     print(g.console(g.seed_means(table)))
-    print(f"\nprunegrid: {len(table)} runs -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, curves.csv, plots)")
+    print(f"\nprunegrid: {len(table)} runs -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, learning_curves.csv, tradeoff.csv, plots)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ runtime's noise sentinel: off 1.00 by more than 5 %, every speed-up of that host
 
 Figures (:mod:`prunegrid.report.figures`): the accuracy trade-offs with their Pareto front
 (``pareto_params`` / ``pareto_latency`` in ``grid.csv``), the relative bars, and the per-epoch curves
-(``curves.csv``, ``curves/curves_<backbone>.png``). In MLflow (:mod:`prunegrid.report.publish`,
+(``learning_curves.csv``, ``learning_curves/learning_curves_<backbone>.png``). In MLflow (:mod:`prunegrid.report.publish`,
 unless ``mlflow_write=False``): a grid parent run per experiment holding the selected cells and the
 report's files, and each method's best model by ``val/final_acc`` registered as
 ``prunegrid-<experiment>@best-<prune>``. Parent runs are never cells (:func:`tracking.load_cell_runs`).
@@ -56,6 +56,7 @@ from prunegrid import tracking
 from prunegrid.budget import BASELINE, TAG_REF_PRUNE, is_baseline_family
 from prunegrid.errors import ConfigError
 from prunegrid.report import figures, publish
+from prunegrid.report import tradeoff as trade
 
 KEYS = list(tracking.CELL_TAGS)
 GROUP_KEYS = KEYS[:4]
@@ -74,9 +75,10 @@ DETECTION_RELATIVE = ["map50_delta_pt", "map50_delta_pt_vs_base"]
 CROSS_HOST = "timed on several hosts: no mean of absolute times"
 SPEEDUPS = list(tracking.GRID_SPEEDUPS)  # infer_speedup, infer_speedup_mt, ..., infer_speedup_onnx_batch
 QUARTILES = ("_q25", "_q75")
-FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "curves.csv", "acc_vs_params.png",
+FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "learning_curves.csv", "acc_vs_params.png",
          "acc_vs_latency.png", "relative.png")
-CURVES_DIR = "curves"  # curves/curves_<backbone>.png: one folder, so dvc.yaml declares them whatever the backbones
+CURVES_FILE = "learning_curves.csv"  # per-epoch metrics; "curves" alone would clash with the trade-off curves
+CURVES_DIR = "learning_curves"  # learning_curves/learning_curves_<backbone>.png: one folder, so dvc.yaml declares them whatever the backbones
 TRADEOFFS = (("params_nonzero", "acc_vs_params.png", "non-zero parameters", True),
              ("infer_ms", "acc_vs_latency.png", "latency, batch 1, eager PyTorch (ms)", False))
 SENTINEL_TOLERANCE = 0.05  # the none cell timed against itself may read 0.95x-1.05x before a host's timing is noise
@@ -195,7 +197,8 @@ def select(runs: pd.DataFrame, run_ids: Iterable[str] | None = None, grid: dict 
         runs = runs[runs["run_id"].isin(set(run_ids))]
     if grid is not None and not runs.empty:
         prunes = [BASELINE, *[r["prune"] for r in grid.get("references", [])],
-                  *grid.get("methods", {}).get("from_baseline", []), *grid.get("methods", {}).get("scratch", [])]
+                  *grid.get("methods", {}).get("from_baseline", []), *grid.get("methods", {}).get("scratch", []),
+                  *(item["label"] for item in (grid.get("tradeoff") or {}).values())]
         keep = (runs["backbone"].isin(grid["backbones"]) & runs["prune"].isin(prunes)
                 & runs["dataset"].isin(grid["datasets"]) & runs["loss"].isin(grid["losses"])
                 & runs["seed"].isin([str(s) for s in grid["seeds"]]))
@@ -525,18 +528,18 @@ def mlflow_markdown(parents: dict[str, str], experiments: dict[str, str], regs: 
 
 
 def write_curves(uri: str, table: pd.DataFrame, out: Path) -> list[Path]:
-    """``curves.csv`` (every epoch metric of every selected run, by cell and seed) and
-    ``curves/curves_<backbone>.png`` (one figure per backbone, one line per cell)."""
+    """``learning_curves.csv`` (every epoch metric of every selected run, by cell and seed) and
+    ``learning_curves/learning_curves_<backbone>.png`` (one figure per backbone, one line per cell)."""
     history = tracking.metric_histories(uri, list(table["run_id"]))
     curves = figures.curves_table(history, table)
-    curves.to_csv(out / "curves.csv", index=False)
+    curves.to_csv(out / CURVES_FILE, index=False)
     folder = out / CURVES_DIR
     folder.mkdir(exist_ok=True)
-    for old in folder.glob("curves_*.png"):
+    for old in folder.glob(f"{CURVES_DIR}_*.png"):
         old.unlink()
-    paths = [out / "curves.csv"]
+    paths = [out / CURVES_FILE]
     for backbone in dict.fromkeys(curves["backbone"]):
-        paths.append(figures.save(figures.curves_figure(curves, backbone), folder / f"curves_{backbone}.png"))
+        paths.append(figures.save(figures.curves_figure(curves, backbone), folder / f"{CURVES_DIR}_{backbone}.png"))
     return paths
 
 
@@ -544,7 +547,7 @@ def build(uri: str | None = None, experiments: list[str] | None = None, out: str
           run_ids: Iterable[str] | None = None, grid: dict | None = None, ui: str | None = None,
           mlflow_write: bool = True, log=print) -> pd.DataFrame:
     """Read the runs, write ``grid.csv`` (seed means), ``grid_seeds.csv``, ``grid.md``, ``grid.json``,
-    ``curves.csv`` and the figures under ``out``; return the per-seed rows. With ``mlflow_write``, also
+    ``learning_curves.csv``, ``tradeoff.csv`` and the figures under ``out``; return the per-seed rows. With ``mlflow_write``, also
     nest the selected runs under a grid parent run per experiment (which gets the files as artifacts)
     and register each method's best model (:mod:`prunegrid.report.publish`)."""
     uri = tracking.resolve_uri(uri)
@@ -573,9 +576,11 @@ def build(uri: str | None = None, experiments: list[str] | None = None, out: str
         files = [out / n for n in FILES[:4]]
         means.to_csv(out / "grid.csv", index=False)
         table.drop(columns=["experiment_id"]).to_csv(out / "grid_seeds.csv", index=False)
-        (out / "grid.md").write_text(markdown(table, means, ui, mlflow_markdown(parents, names, regs, ui)))
+        curves, trade_files = trade.write(table, runs, out)
+        (out / "grid.md").write_text(markdown(table, means, ui, [*trade.markdown(curves),
+                                                                 *mlflow_markdown(parents, names, regs, ui)]))
         (out / "grid.json").write_text(json.dumps(to_json(table.drop(columns=["experiment_id"]), means), indent=1))
-        files += write_curves(uri, table, out) + plots(means, out)
+        files += trade_files + write_curves(uri, table, out) + plots(means, out)
         status = "FINISHED"
     finally:
         if parents:

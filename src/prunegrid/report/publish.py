@@ -38,7 +38,11 @@ def model_name(experiment: str) -> str:
 
 
 def alias(prune: str) -> str:
-    return f"best-{prune}"
+    """``best-<prune>``; MLflow aliases hold only word characters and ``-``, so a strength's dot becomes
+    ``_`` (``best-channel-r0_7``)."""
+    import re
+
+    return "best-" + re.sub(r"[^\w-]", "_", prune)
 
 
 @dataclass
