@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import FuncFormatter
 
 from prunegrid import tracking
 from prunegrid.budget import BASELINE, is_baseline_family
@@ -160,6 +161,10 @@ def figure(curves: pd.DataFrame, rows: pd.DataFrame, x: str, xlabel: str):
                     ax.annotate(f"{r['strength_knob'][:1]}{r['strength']}", (r[x], r["acc"]),
                                 textcoords="offset points", xytext=(3, 4), fontsize=7, color=colours[method])
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}x")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set(xlabel=xlabel, ylabel="test accuracy (mean ± std over seeds)",
                title=f"{' / '.join(k for k in keys if k)}: accuracy vs {xlabel.split(' (')[0]}")
         ax.title.set_fontsize(10)
