@@ -179,12 +179,9 @@ def _product(*lists: Any):
 
 
 def _register() -> None:
-    def spec_of(spec):
-        return OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
-
     resolvers = {
         "grid_prunes": lambda spec, kind="all": OmegaConf.create(prunes(spec, kind)),
-        "grid_references": lambda spec: OmegaConf.create(references(spec_of(spec))),
+        "grid_references": lambda spec: OmegaConf.create(references(_plain(spec))),
         "grid_tradeoff": lambda *a: OmegaConf.create(tradeoff(*a)),
         "grid_baseline": lambda: BASELINE,
         "reference_name": lambda epochs: reference_name(epochs),

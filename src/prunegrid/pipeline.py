@@ -405,8 +405,7 @@ def scratch_e(c: Cell, net: nn.Module) -> nn.Module:
         raise ConfigError("prune.reinit=true needs the epochs of the start model; give prune.baseline_ckpt "
                           "(or budget.match) of a trained prune=none cell")
     log.info("Scratch-E: the pruned architecture re-initialised and trained from scratch for %d epochs", epochs)
-    converged = c.budget.converged
-    c.budget = Budget(converged=converged)
+    c.budget = Budget(converged=c.budget.converged)
     return c.fit(reinitialize(net), epochs, early_stopping=False)
 
 
