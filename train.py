@@ -9,7 +9,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from prunegrid.cli import guard, precheck
+from prunegrid.cli import guard
+from prunegrid.config import precheck
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

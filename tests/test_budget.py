@@ -46,7 +46,7 @@ def test_reference_and_method_from_baseline_have_equal_budgets(baseline):
     tmp, model, base, _ = baseline
     ref, r_ref = _run(tmp, "prune=none", "prune.finetune_epochs=1", f"prune.baseline_ckpt={model}")
     assert r_ref.data.tags["prune"] == "none_ft1" == r_ref.data.tags[budget.TAG_REF_PRUNE]
-    method, r_m = _run(tmp, "prune=channel", f"prune.baseline_ckpt={model}")
+    method, r_m = _run(tmp, "prune=channel", "prune.finetune_epochs=1", f"prune.baseline_ckpt={model}")
     assert r_m.data.tags[budget.TAG_REF_PRUNE] == "none_ft1"
     for m in (ref, method):                                     # 2 baseline epochs + 1 of fine-tuning
         assert m[budget.EPOCHS] == 3 and m[budget.IMAGES] == 3 * IMAGES_PER_EPOCH
@@ -80,7 +80,8 @@ def test_reference_names():
     assert budget.reference_name(0) == "none" and budget.reference_name(2) == "none_ft2"
     assert budget.is_baseline_family("none_ft3") and not budget.is_baseline_family("none_ftx")
     assert cell(compose(["prune=none", "prune.finetune_epochs=2"]))["prune"] == "none_ft2"
-    assert build(compose(["prune=channel"]).prune).reference == "none_ft1"
+    assert build(compose(["prune=channel"]).prune).reference == f"none_ft{compose(['prune=channel']).prune.finetune_epochs}"
+    assert build(compose(["prune=channel", "prune.finetune_epochs=1"]).prune).reference == "none_ft1"
     assert build(compose(["prune=quant_int8"]).prune).reference == "none"
 
 

@@ -96,7 +96,7 @@ def test_rewind_replays_the_main_recipe(baseline):
 def test_reference_and_method_share_recipe_and_epochs(baseline):
     tmp, model = baseline
     ref, r_ref, _ = _run(tmp, "prune=none", "prune.finetune_epochs=1", "++prune.baseline_ckpt=" + str(model))
-    method, r_m, _ = _run(tmp, "prune=channel", "++prune.baseline_ckpt=" + str(model))
+    method, r_m, _ = _run(tmp, "prune=channel", "prune.finetune_epochs=1", "++prune.baseline_ckpt=" + str(model))
     assert r_m.data.tags[budget.TAG_REF_PRUNE] == r_ref.data.tags["prune"] == "none_ft1"
     assert ref[budget.EPOCHS] == method[budget.EPOCHS] == 3
     assert r_ref.data.tags["fit_recipes"] == r_m.data.tags["fit_recipes"] == "finetune"

@@ -44,7 +44,7 @@ def test_overrides_expand_to_strengths_times_controls_times_seeds():
     assert item["args"] == "prune.ratio=0.7 prune.importance=random"
     assert item["start"] == "++prune.baseline_ckpt=models/resnet18-none-fashion_mnist-cross_entropy-s1.pt"
     assert grid["tradeoff"]["resnet18-l1_static-a0.2-fashion_mnist-cross_entropy-s0"]["start"].startswith("++budget.match=")
-    assert len(G.cells(grid)) == 16 + 2 * (2 + 6)   # trade-off cells + the grid's own (none, none_ft1, 6 methods)
+    assert len(G.cells(grid)) == 16 + 2 * (len(G.prunes("all")) + len(G.references("all")))  # trade-off cells + the grid's own
 
 
 def test_the_default_method_strength_is_the_grids_own_cell_but_its_controls_are_new():

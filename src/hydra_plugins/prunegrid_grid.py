@@ -6,4 +6,4 @@ the same (``plugins_path`` in ``.dvc/config``) before composing ``params.yaml`` 
 ``dvc exp run``; so ``grid.prunes: all`` in ``conf/grid.yaml`` resolves there too.
 """
 
-import prunegrid.grid  # noqa: F401  (registers the resolvers on import)
+import prunegrid.resolvers  # noqa: F401  (registers the resolvers on import)

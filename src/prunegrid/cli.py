@@ -84,31 +84,6 @@ def is_user_error(exc: BaseException) -> bool:
         exc, tuple(getattr(hydra_errors, name) for name in HYDRA_USER_ERRORS if hasattr(hydra_errors, name)))
 
 
-def precheck(argv: list[str]) -> None:
-    """Check ``train.py``'s flags and overrides before Hydra runs: a mistake is one line, exit 2.
-
-    Unknown flags, unknown ``group=option`` values, and (for a single run of the default config)
-    everything Hydra's composition rejects: unknown keys, bad override syntax.
-    """
-    overrides, compose_too = [a for a in argv if not a.startswith("-")], False
-    try:  # Hydra's own flags, with our one-line error (private API: skip the check if it moves)
-        from hydra._internal.utils import get_args_parser
-    except ImportError:
-        pass
-    else:
-        parser = get_args_parser()
-        parser.error = lambda msg: fail(f"{msg} (see python train.py --help)")  # type: ignore[method-assign]
-        ns = parser.parse_args(argv)
-        overrides = ns.overrides
-        compose_too = not (ns.multirun or ns.config_path or ns.config_name or ns.config_dir)
-    from prunegrid.config import check_overrides, compose
-
-    with guard():
-        check_overrides(overrides)
-        if compose_too:
-            compose(overrides)
-
-
 class JobExit(Exception):
     """What :func:`guard` raises instead of exiting when it runs in a Ray task (a job of Hydra's Ray
     launcher): ``sys.exit`` there kills the Ray worker, and Ray runs the task again. As an ``Exception``

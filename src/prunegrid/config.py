@@ -9,7 +9,6 @@ chosen in each cell group (Hydra's runtime choices); a YAML may compute its own 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Iterable
 
 from hydra import compose as hydra_compose
@@ -18,22 +17,15 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import prunegrid.grid  # noqa: F401  (registers the config resolvers, e.g. reference_name)
+from prunegrid import cli
 from prunegrid.errors import ConfigError, PrunegridError
+from prunegrid.resolvers import conf_dir  # importing it registers the config resolvers
 from prunegrid.strength import STRENGTH, knob, prune_label
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("backbone", "prune", "dataset", "loss", "optimizer", "scheduler", "finetune", "trainer", "tracking", "task")
 TASK_GROUPS = ("backbone", "dataset", "loss")  # options made for one task say so (YAML key `task`, default classification)
 DEFAULT_TASK = "classification"
 CELL_GROUPS = ("backbone", "prune", "dataset", "loss")
-
-
-def conf_dir() -> Path:
-    """The ``conf/`` directory of this checkout."""
-    if not CONF_DIR.is_dir():
-        raise ConfigError(f"config directory {CONF_DIR} not found; run from a prunegrid checkout")
-    return CONF_DIR
 
 
 def options(group: str, task: str | None = None) -> list[str]:
@@ -252,3 +244,27 @@ def cell(cfg: DictConfig) -> dict[str, str]:
     if not cfg.prune.get("label"):
         out["prune"] = prune_label(picked["prune"], cfg.prune, default_strength(picked["prune"]))
     return {**out, "seed": str(cfg.seed)}
+
+
+def precheck(argv: list[str]) -> None:
+    """Check ``train.py``'s flags and overrides before Hydra runs: a mistake is one line, exit 2.
+
+    Unknown flags, unknown ``group=option`` values, and (for a single run of the default config)
+    everything Hydra's composition rejects: unknown keys, bad override syntax.
+    """
+    overrides, compose_too = [a for a in argv if not a.startswith("-")], False
+    try:  # Hydra's own flags, with our one-line error (private API: skip the check if it moves)
+        from hydra._internal.utils import get_args_parser
+    except ImportError:
+        pass
+    else:
+        parser = get_args_parser()
+        parser.error = lambda msg: cli.fail(f"{msg} (see python train.py --help)")  # type: ignore[method-assign]
+        ns = parser.parse_args(argv)
+        overrides = ns.overrides
+        compose_too = not (ns.multirun or ns.config_path or ns.config_name or ns.config_dir)
+
+    with cli.guard():
+        check_overrides(overrides)
+        if compose_too:
+            compose(overrides)

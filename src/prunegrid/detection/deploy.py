@@ -55,7 +55,7 @@ def detect(model, path: str | Path, input_size: int, conf: float, iou: float, ma
     import torch
     from PIL import Image
 
-    from prunegrid.detection.module import non_max_suppression
+    from prunegrid.detection.boxes import non_max_suppression
 
     img = Image.open(path).convert("RGB").resize((input_size, input_size), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]

@@ -55,8 +55,9 @@ import pandas as pd
 from prunegrid import tracking
 from prunegrid.budget import BASELINE, TAG_REF_PRUNE, is_baseline_family
 from prunegrid.errors import ConfigError
-from prunegrid.report import figures, publish
-from prunegrid.report import tradeoff as trade
+import prunegrid.report.figures as figures
+import prunegrid.report.publish as publish
+import prunegrid.report.tradeoff as trade
 
 KEYS = list(tracking.CELL_TAGS)
 GROUP_KEYS = KEYS[:4]
