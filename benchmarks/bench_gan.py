@@ -32,7 +32,7 @@ from prunegrid import pipeline
 from prunegrid.config import compose
 from prunegrid.data import gan
 from prunegrid.data.sources import fashion_mnist
-from prunegrid.data.synthetic import class_dirname
+from prunegrid.data.synthetic import class_dirnames
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,14 +44,15 @@ def export(dest: Path, real_per_class: int, seed: int) -> None:
     splits = fashion_mnist(str(ROOT / "data" / "fashion_mnist"), download=False)
     rng = np.random.default_rng(seed)
     labels = splits.train.labels.numpy()
-    for c, name in enumerate(splits.classes):
-        d = dest / "train" / class_dirname(name)
+    folders = class_dirnames(splits.classes)
+    for c, folder in enumerate(folders):
+        d = dest / "train" / folder
         d.mkdir(parents=True, exist_ok=True)
         for i in rng.permutation(np.flatnonzero(labels == c))[:real_per_class]:
             Image.fromarray(splits.train.images[i].numpy()).save(d / f"{i:05d}.png")
     for i in range(len(splits.test)):
         img, label = splits.test[i]
-        d = dest / "test" / class_dirname(splits.classes[label])
+        d = dest / "test" / folders[label]
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img.squeeze(0).numpy()).save(d / f"{i:05d}.png")
 

@@ -6,6 +6,7 @@
 #   bash scripts/grid.sh +experiment=paper_grid   # the papers' full grid (GPU)
 #   bash scripts/grid.sh grid.seeds=[1,2,3]       # any override of conf/grid.yaml
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 python -m prunegrid.data.fetch

@@ -3,6 +3,7 @@
 # Debian's Chromium with Playwright (Playwright's own browser download needs the internet), and the
 # scale-out tests start Debian's PostgreSQL: both installed here when missing (as root, or through sudo).
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if ! command -v chromium >/dev/null 2>&1; then
