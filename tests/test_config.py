@@ -50,8 +50,22 @@ def test_groups_exist():
 
 
 def test_unknown_option_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet999'; valid options: .*resnet18"):
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet999'; .*valid options: .*resnet18"):
         compose(["backbone=resnet999"])
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_a_typo_of_an_option_gets_did_you_mean(group):
+    name = options(group)[0]
+    typo = name[:-1] + ("x" if name[-1] != "x" else "y")
+    with pytest.raises(ConfigError, match=rf"unknown {group} '{typo}'; did you mean [^?]*\b{group}={name}\b[^?]*\?"):
+        compose([f"{group}={typo}"])
+
+
+def test_an_option_far_from_every_name_gets_no_guess():
+    with pytest.raises(ConfigError) as err:
+        compose(["prune=zzzzzz"])
+    assert "did you mean" not in str(err.value) and "valid options: " in str(err.value)
 
 
 def test_train_py_unknown_option_is_one_line():

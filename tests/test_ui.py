@@ -212,3 +212,33 @@ def test_an_unknown_experiment_is_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"prunegrid: error: no experiment 'cifar' in {uri}; experiments: fashion_mnist"]
+
+
+
+def _second_ui(uri: str, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prunegrid.ui", "--tracking-uri", uri, "--port", str(port),
+                           "--experiment", "fashion_mnist", "--no-browser"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _refused_in_one_line(proc: subprocess.CompletedProcess, port: int) -> None:
+    """Exit 2, no address on stdout (never the other server's as its own), one line on stderr."""
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"prunegrid: error: port {port} on 127.0.0.1 is already in use (Address already in use); "
+        "stop that server or pick another with --port"]
+
+
+def test_a_port_held_by_any_server_is_one_line_before_mlflow_starts(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.experiment_id(tracking.open_client(uri), "fashion_mnist")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        _refused_in_one_line(_second_ui(uri, port), port)
+
+
+def test_a_port_held_by_another_prunegrid_ui_is_one_line(store, ui):
+    port = int(re.search(r":(\d+)/", ui).group(1))
+    _refused_in_one_line(_second_ui(store["uri"], port), port)

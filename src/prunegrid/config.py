@@ -48,7 +48,11 @@ def check_overrides(overrides: Iterable[str]) -> None:
         if not sep or key not in GROUPS or "," in value or value.startswith(("choice(", "range(")):
             continue
         if value and value != "null" and value not in options(key):
-            raise ConfigError(f"unknown {key} '{value}'; valid options: {', '.join(options(key))}")
+            import difflib
+
+            close = difflib.get_close_matches(value, options(key), n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(f'{key}={c}' for c in close)}? " if close else ""
+            raise ConfigError(f"unknown {key} '{value}'; {hint}valid options: {', '.join(options(key))}")
 
 
 def compose(overrides: Iterable[str] = (), config_name: str = "config", check: bool = True) -> DictConfig:

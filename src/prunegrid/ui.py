@@ -44,6 +44,23 @@ def pick_experiment(uri: str, name: str | None) -> str:
     return runs[0].info.experiment_id
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, in one line, a port some server (another MLflow UI or anything else) already holds.
+
+    Probed by binding it the way uvicorn does (``SO_REUSEADDR``, so a closed socket in TIME_WAIT does
+    not count), before MLflow starts: a UI that would fail to bind must not report another server's address.
+    """
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"port {port} on {host} is already in use ({exc.strerror}); "
+                              f"stop that server or pick another with --port") from None
+
+
 def wait_until_up(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -78,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def serve(a) -> None:
     """Start ``mlflow ui`` on the store, print the experiment's address, wait for the server."""
+    check_port_free("127.0.0.1", a.port)
     uri = tracking.resolve_uri(a.tracking_uri)
     exp_id = pick_experiment(uri, a.experiment)
     server = f"http://127.0.0.1:{a.port}"
