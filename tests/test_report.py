@@ -7,7 +7,7 @@ import time
 
 import pandas as pd
 import pytest
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from prunegrid import tracking
@@ -20,10 +20,13 @@ RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "epoc
 SUMMARY = ["budget_epochs", "ref_prune", "ref_budget_epochs", "acc_delta_pt", "acc_delta_pt_std", "n_seeds", "converged"]
 
 
-def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet18", ref=None, drop=(), **m):
+def log_run(client, exp_id, prune, seed=42, status="FINISHED", backbone="resnet18", ref=None, drop=(), params=None,
+            tags=None, **m):
     tags = {"backbone": backbone, "prune": prune, "dataset": "fashion_mnist", "loss": "cross_entropy",
-            "seed": str(seed), **({"ref_prune": ref} if ref else {})}
+            "seed": str(seed), **({"ref_prune": ref} if ref else {}), **(tags or {})}
     run = client.create_run(exp_id, tags=tags, run_name=tracking.run_name(tags))
+    if params:
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     metrics = {"test/acc": 0.9, "test/f1_macro": 0.89, "model/params": 1000, "model/params_nonzero": 1000,
                "model/flops": 5000, "model/size_mb": 4.0, "time/train_s": 100, "time/epoch_s": 10,
                "time/infer_ms": 2.0, "memory/infer_peak_mb": 300, "memory/train_peak_mb": 900}
@@ -466,3 +469,47 @@ def test_quiet_sentinel_marks_nothing(store, tmp_path):
         log_run(client, exp, "channel", seed=seed, ref="none", speedup__infer=2.0, speedup__infer_onnx=3.0)
     g.build(uri, [exp_name(client, exp)], tmp_path / "rep", mlflow_write=False)
     assert "unreliable" not in (tmp_path / "rep" / "grid.md").read_text()
+
+
+def test_a_cell_holds_only_runs_of_its_own_config_and_names_the_others(store, tmp_path):
+    """One store: the grid's l1_static cell, an older run of another config, a sweep trial of the same
+    method (nested under its sweep's parent run, with the same tags) and a re-run of the cell."""
+    uri, client, exp = store
+    cell = {"prune.amount": 0.4, "optimizer.lr": 0.003, "paths.model_out": "models/a.pt"}
+    log_run(client, exp, "none", params={"prune.amount": "none"})
+    other = log_run(client, exp, "l1_static", params={**cell, "optimizer.lr": 0.01}, **{"test__acc": 0.50})
+    first = log_run(client, exp, "l1_static", params=cell, **{"test__acc": 0.80})
+    sweep = client.create_run(exp, tags={tracking.TAG_RUN_KIND: "sweep"}, run_name="sweep-l1_static").info.run_id
+    trial = log_run(client, exp, "l1_static", params={**cell, "prune.amount": 0.25}, **{"test__acc": 0.95},
+                    tags={tracking.TAG_SWEEP_TRIAL: "2", "mlflow.parentRunId": sweep})
+    untagged = log_run(client, exp, "l1_static", params={**cell, "prune.amount": 0.3}, **{"test__acc": 0.97},
+                       tags={"mlflow.parentRunId": sweep})          # a trial logged before the tag existed
+    rerun = log_run(client, exp, "l1_static", params={**cell, "paths.model_out": "elsewhere.pt"},
+                    **{"test__acc": 0.82})                           # where a run writes is not its config
+    name = "test_a_cell_holds_only_runs_of_its_own_config_and_names_the_others"
+
+    table = g.build(uri, [name], tmp_path / "rep", ui=None, mlflow_write=False)
+    row = table[table.prune == "l1_static"].iloc[0]
+    assert row["run_id"] == rerun and row["acc"] == pytest.approx(0.82)
+    note = row["other_runs"]
+    assert f"older runs of seed 42: {first[:8]}" in note
+    assert f"{other[:8]} (optimizer.lr differ)" in note
+    assert f"sweep trials left out: {untagged[:8]} (trial ?), {trial[:8]} (trial 2)" in note
+    md = (tmp_path / "rep" / "grid.md").read_text()
+    assert f"not used: older runs of seed 42: {first[:8]}" in md
+
+    with_sweeps = g.build(uri, [name], tmp_path / "rep2", ui=None, mlflow_write=False, include_sweeps=True)
+    assert with_sweeps[with_sweeps.prune == "l1_static"].iloc[0]["run_id"] == rerun   # the latest run still wins
+
+
+def test_a_seed_with_runs_of_another_config_only_is_left_out_and_said(store, tmp_path):
+    uri, client, exp = store
+    for seed in (0, 1):
+        log_run(client, exp, "none", seed=seed)
+    stray = log_run(client, exp, "channel", seed=0, params={"prune.ratio": 0.3}, **{"test__acc": 0.7})
+    kept = log_run(client, exp, "channel", seed=1, params={"prune.ratio": 0.5}, **{"test__acc": 0.8})
+    table = g.build(uri, ["test_a_seed_with_runs_of_another_config_only_is_left_out_and_said"], tmp_path / "rep",
+                    ui=None, mlflow_write=False)
+    ch = table[table.prune == "channel"]
+    assert list(ch["run_id"]) == [kept]
+    assert f"seed 0 left out, only runs of another config: {stray[:8]} (prune.ratio differ)" in ch.iloc[0]["other_runs"]

@@ -97,6 +97,24 @@ def test_a_rerun_adds_trials_under_the_same_parent_run_and_trials_are_pruned(tmp
     assert (tmp_path / "reports" / "sweeps" / "adds" / "pareto.md").is_file()
     best = client.get_model_version_by_alias("sweep-adds", "best")
     assert best.run_id == study.best_trial.user_attrs[sweep.RUN_ATTR]
+    for t in study.trials:   # each trial's run says which trial it is and what it sampled
+        run = runs[t.user_attrs[sweep.RUN_ATTR]]
+        assert run.data.tags[tracking.TAG_SWEEP_TRIAL] == str(t.number)
+        assert run.info.run_name.endswith(f"trial {t.number} (amount={t.params['prune.amount']:.4g})"), run.info.run_name
+    top = client.get_run(parent)   # the parent carries the best trial and the summary
+    assert top.data.params["best_trial"] == str(study.best_trial.number)
+    assert top.data.params["best.prune.amount"] == str(study.best_trial.params["prune.amount"])
+    assert top.data.metrics["best/val/final_acc"] == pytest.approx(study.best_value)
+    assert top.data.metrics["best/test/acc"] == runs[best.run_id].data.metrics["test/acc"]
+    assert {"pareto.md", "pareto.csv"} <= {a.path for a in client.list_artifacts(parent)}
+    model = client.get_logged_model(runs[best.run_id].data.tags[tracking.TAG_MODEL_URI].removeprefix("models:/"))
+    figures = {m.key: m for m in model.metrics}
+    assert figures["test/acc"].value == runs[best.run_id].data.metrics["test/acc"]
+    assert {"model/params_nonzero", "time/infer_ms", "val/final_acc"} <= set(figures)
+    assert "val/loss" not in figures and "train/loss" not in figures, "no epoch figures on the final model"
+    assert figures["test/acc"].dataset_name == "fashion_mnist"
+    assert model.name == tracking.model_name({"backbone": "simple_cnn", "prune": runs[best.run_id].data.tags["prune"],
+                                              "dataset": "fashion_mnist", "loss": "cross_entropy", "seed": "42"})
 
     # the same storage and study again: 3 more trials, the same parent run; a pruner that always prunes
     _sweep(tmp_path, "adds", "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
@@ -226,7 +244,7 @@ def test_an_interrupted_trial_is_fail_and_the_next_sweep_runs_it_again_with_resu
 
     from hydra.core.utils import JobReturn, JobStatus
 
-    from hydra_plugins.prunegrid_optuna_sweeper._impl import OptunaSweeperImpl, TrialJob, search_space
+    from hydra_plugins.prunegrid_optuna_sweeper._impl import OptunaSweeperImpl, TrialJob, search_space, trial_tags
     from prunegrid.interrupt import Interrupted
 
     class Launcher:  # runs no cell: job k returns 0.1 * (k + 1); with ``cut``, the batch's last job is interrupted
@@ -267,7 +285,8 @@ def test_an_interrupted_trial_is_fail_and_the_next_sweep_runs_it_again_with_resu
     again = study.trials[-1]
     assert again.state == STATES.COMPLETE and again.user_attrs[sweep.RESUMES_ATTR] == 1
     assert again.params == cut.params and again.value == pytest.approx(0.3)
-    assert impl.launcher.overrides[0] == [f"prune.amount={cut.params['prune.amount']}", "prune=l1_static", "resume=true"]
+    assert impl.launcher.overrides[0][:3] == [f"prune.amount={cut.params['prune.amount']}", "prune=l1_static", "resume=true"]
+    assert impl.launcher.overrides[0][3:] == trial_tags(1, cut.params)
 
 
 @pytest.mark.parametrize("name", PRESETS)

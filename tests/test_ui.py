@@ -121,22 +121,39 @@ def _parent(store):
     return parents[0]
 
 
-def test_runs_table_lists_runs_with_dataset_source_and_model(store, ui, page):
+def test_printed_address_opens_on_the_cells_with_the_compared_columns_in_view(store, ui, page):
+    """The runs table opens on the grid's preset (an MLflow shared view): the cells themselves, not
+    folded under the grid's parent, best accuracy first, with accuracy, delta vs reference, non-zero
+    parameters and both speed-ups visible without a click or a scroll; Dataset, Source and Models follow."""
     names = _run_names(store)
     page.goto(ui)
-    parent = _parent(store)
-    page.get_by_text(parent.info.run_name).wait_for()
-    assert "workflowType=machine_learning" in page.url and "/runs" in page.url  # the training-runs view
-    page.locator("[role=row]", has_text=parent.info.run_name).locator("button").first.click()  # expand the grid
     for name in names.values():
         page.get_by_text(name, exact=True).wait_for()
+    assert "workflowType=machine_learning" in page.url and "/runs" in page.url  # the training-runs view
+    assert page.get_by_text(_parent(store).info.run_name, exact=True).count() == 0, "cells only, no parent row"
+    width = page.viewport_size["width"]
+    for column in ("test/acc", "grid/acc_delta_pt", "model/params_nonzero", "speedup/infer", "speedup/infer_onnx"):
+        header = page.get_by_role("columnheader", name=column, exact=True)
+        assert header.count() >= 1, column
+        box = header.first.bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, f"{column} is off-screen: {box}"
     for column in ("Dataset", "Source", "Models"):
         assert page.get_by_role("columnheader", name=column, exact=True).count() >= 1, column
     table = page.locator("[role=grid]").first.inner_text()
+    accuracies = {p: MlflowClient(store["uri"]).get_run(r.run_id).data.metrics["test/acc"] for p, r in store["runs"].items()}
+    best, worst = (names[p] for p in sorted(accuracies, key=accuracies.get, reverse=True))
+    assert table.index(best) < table.index(worst), "best accuracy first"
     assert table.count("fashion_mnist (") >= 2, "each cell's row shows its data set and digest"
     digest = MlflowClient(store["uri"]).get_run(store["runs"]["none"].run_id).inputs.dataset_inputs[0].dataset.digest
     assert digest[:12] in table
     page.screenshot(path=str(SHOTS / "experiment_runs.png"))
+
+
+def test_run_names_say_what_differs(store):
+    names = _run_names(store)
+    assert len(set(names.values())) == len(names)
+    for prune, name in names.items():
+        assert name.startswith(f"{prune} · simple_cnn · s"), name
 
 
 def test_run_page_shows_dataset_model_and_system_metrics(store, ui, page):
@@ -164,8 +181,10 @@ def test_grid_parent_run_lists_its_children(store, ui, page):
     assert sorted(r.info.run_id for r in children) == sorted(r.run_id for r in store["runs"].values())
     page.goto(ui.replace("/runs?", f"/runs/{parent.info.run_id}?"))
     page.get_by_text(parent.info.run_name).first.wait_for()
-    page.goto(ui)
+    page.goto(ui.split("&viewStateShareKey")[0])  # the plain runs table, parents and all
     page.get_by_text(parent.info.run_name).wait_for()
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}/artifacts/grid.html" in note
     names = list(_run_names(store).values())
     page.wait_for_timeout(1000)
     if not page.get_by_text(names[0], exact=True).is_visible():  # the table remembers an expanded parent
@@ -242,3 +261,64 @@ def test_a_port_held_by_any_server_is_one_line_before_mlflow_starts(tmp_path):
 def test_a_port_held_by_another_prunegrid_ui_is_one_line(store, ui):
     port = int(re.search(r":(\d+)/", ui).group(1))
     _refused_in_one_line(_second_ui(store["uri"], port), port)
+
+
+def test_grid_page_loads_offline_sorts_and_shows_every_figure(store, page):
+    """``grid.html`` from the tiny grid's report: no console error, no request leaves the file, sorting by
+    accuracy reorders the rows, and every embedded figure has a size."""
+    path = store["tmp"] / "reports" / "grid.html"
+    assert path.is_file(), "the report writes grid.html"
+    errors, remote = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: remote.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    rows = page.locator("#summary tbody tr")
+    assert rows.count() == 2
+
+    def accuracies() -> list[float]:
+        col = page.locator("#summary thead th").all_inner_texts().index("test acc")
+        return [float(rows.nth(i).locator("td").nth(col).get_attribute("data-v")) for i in range(rows.count())]
+
+    header = page.locator("#summary thead th", has_text="test acc")
+    header.click()
+    up = accuracies()
+    header.click()
+    down = accuracies()
+    assert up == sorted(up) and down == sorted(down, reverse=True) and (up != down or len(set(up)) == 1)
+    assert header.get_attribute("aria-sort") == "descending"
+    figures = page.locator("#figures img")
+    assert figures.count() >= 3
+    for i in range(figures.count()):
+        w, h = figures.nth(i).evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        assert w > 0 and h > 0, f"figure {i} has no size"
+        assert figures.nth(i).get_attribute("src").startswith("data:image/png;base64,")
+    assert not page.locator("#per-seed").evaluate("d => d.open"), "the per-seed rows start folded"
+    page.screenshot(path=str(SHOTS / "grid_page.png"), full_page=True)
+    assert errors == [] and remote == []
+
+
+def test_grid_page_sorting_reorders_known_rows(tmp_path, page):
+    """Hand-made runs with known accuracies: the page's first order is the report's, and a click on the
+    accuracy header sorts them (ascending, then descending)."""
+    from tests.test_report import log_run
+
+    from prunegrid.report import grid as report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("page")
+    for prune, acc in (("none", 0.90), ("channel", 0.70), ("l1_static", 0.95)):
+        log_run(client, exp, prune, **{"test__acc": acc})
+    report.build(uri, ["page"], tmp_path / "rep", ui="http://127.0.0.1:5999", mlflow_write=False)
+    page.goto((tmp_path / "rep" / "grid.html").as_uri())
+    methods = lambda: page.locator("#summary tbody tr td:nth-child(2)").all_inner_texts()  # noqa: E731
+    assert methods() == ["none", "channel", "l1_static"]
+    header = page.locator("#summary thead th", has_text="test acc")
+    header.click()
+    assert methods() == ["channel", "none", "l1_static"]
+    header.click()
+    assert methods() == ["l1_static", "none", "channel"]
+    link = page.locator("#summary tbody tr", has_text="channel").locator("a").first
+    assert link.get_attribute("href").startswith("http://127.0.0.1:5999/#/experiments/")

@@ -239,6 +239,15 @@ def default_strength(method: str) -> Any:
     return node.get(k) if k else None
 
 
+def default_option(group: str) -> str | None:
+    """The option ``conf/config.yaml``'s defaults list picks for ``group`` (``loss`` -> ``cross_entropy``)."""
+    for item in OmegaConf.load(conf_dir() / "config.yaml").get("defaults", []):
+        if isinstance(item, DictConfig) and group in item:
+            value = item[group]
+            return None if value is None else str(value)
+    return None
+
+
 def cell(cfg: DictConfig) -> dict[str, str]:
     """The cell a config describes: the option chosen in each cell group (or the label its YAML
     computes), plus the seed. The prune label carries the method's strength when it is not the YAML's,

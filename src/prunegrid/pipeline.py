@@ -28,7 +28,7 @@ from torch import nn
 
 from prunegrid import hardware, interrupt, measure, plots, tracking
 from prunegrid.budget import TAG_REF_PRUNE, Budget
-from prunegrid.config import build, cell, check_values, choices, flatten, with_choices
+from prunegrid.config import build, cell, check_values, choices, default_option, flatten, with_choices
 from prunegrid.errors import ConfigError, one_line
 from prunegrid.models.module import Classifier
 from prunegrid.models.net import FLOAT, Net
@@ -520,7 +520,8 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
             tracking.TAG_HOST: tracking.host_name(), **_baseline_tags(c, cfg),
             **{str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()}}
     exp = cfg.tracking.get("experiment") or c.cell["dataset"]
-    c.tracker = tracking.Tracker(cfg.tracking.get("uri"), exp, tracking.run_name(c.cell), tags)
+    name = tracking.display_name(c.cell, tags, default_option("loss"))
+    c.tracker = tracking.Tracker(cfg.tracking.get("uri"), exp, name, tags)
     resume_id = c.tracker.resumable(config_md5) if cfg.get("resume") else None
     if cfg.get("resume") and resume_id is None:
         log.warning("resume=true: no KILLED or FAILED run of this config in %s; starting a new run", exp)
@@ -569,12 +570,14 @@ def _run(cfg: DictConfig, parent_run_id: str | None) -> CellResult:
             laps.lap("deployment")
         metrics["time/measure_wait_s"] = window["wait_s"]
         tr.set_tags({tracking.TAG_MEASURE_WINDOW: f"{window['start']:.3f}-{window['end']:.3f}"})
-        if cfg.tracking.get("log_model", True):
-            _log_mlflow_model(c, tr, net)
+        model_uri = _log_mlflow_model(c, tr, net) if cfg.tracking.get("log_model", True) else None
         laps.lap("log_model")
         metrics.update(fit_metrics(c.fits, c.budget))
         metrics.update(c.method.report(net, ctx))
         tr.log_metrics(metrics)
+        if model_uri:
+            tracking.log_model_metrics(tr.uri, tr.run_id, model_uri, metrics, c.cell["dataset"],
+                                       tracking.data_md5(cfg.dataset.get("root")))
         c.module_cls.log_reports(tr, test, c.data.classes, c.logger.history)
         laps.lap("reports")
         from prunegrid.explain import log_run_explanations  # Grad-CAM and cam_agreement (BaiNa & Joe (explainable channel attention))
@@ -618,15 +621,19 @@ def _log_dataset(c: Cell, tr: tracking.Tracker) -> None:
                          str(root), sizes, c.num_classes)
 
 
-def _log_mlflow_model(c: Cell, tr: tracking.Tracker, net: nn.Module) -> None:
-    """The final model as an MLflow model (``mlflow.pyfunc.load_model`` predicts with it; tag
-    ``model_uri``), with two validation images as its input example."""
+def _log_mlflow_model(c: Cell, tr: tracking.Tracker, net: nn.Module) -> str:
+    """The final model as an MLflow model named after the cell (``mlflow.pyfunc.load_model`` predicts
+    with it; tag ``model_uri``), with two validation images as its input example; its URI. It is logged
+    at the step after the run's last epoch, so none of the epochs' metrics is copied onto it."""
     images, _ = next(iter(c.data.loader("val", shuffle=False, batch_size=2)))
     onnx_path = tr.artifact_dir / tracking.ONNX_FILE
+    step = max((int(h["epoch"]) for h in c.logger.history), default=-1) + 1
     uri, flavor, why = tracking.log_model(tr.uri, tr.run_id, net, images.numpy(),
-                                          onnx_path if onnx_path.is_file() else None)
+                                          onnx_path if onnx_path.is_file() else None,
+                                          name=tracking.model_name(c.cell), step=step)
     tr.set_tags({tracking.TAG_MODEL_URI: uri, tracking.TAG_MODEL_FLAVOR: flavor,
                  **({"model_flavor_reason": why} if why else {})})
+    return uri
 
 
 def run_params(cfg: DictConfig) -> dict[str, Any]:

@@ -366,6 +366,42 @@ def write_summary(study: optuna.Study, keys: list[str], out: Path) -> Path:
     return out
 
 
+def publish_to_parent(study: optuna.Study, keys: list[str], uri: str | None, parent: str, out: Path) -> int | None:
+    """The study's result on its MLflow parent run: ``pareto.md``/``.csv``/``.png`` as artifacts, and the best
+    trial's number (``best_trial``), sampled values (``best.<param>``), objective values (``best/<key>``) and
+    its run's final figures (``best/test/acc``, ``best/model/params_nonzero``, ...) as params and metrics. With
+    several objectives, the front's trial with the best first objective is the one shown (``pareto_trials``
+    lists the whole front). The trial shown, or ``None`` when none is complete."""
+    import time as _time
+
+    from mlflow.entities import Metric, Param
+
+    best = front(study)
+    if not best:
+        return None
+    client = tracking.open_client(uri)
+    for name in ("pareto.md", "pareto.csv", "pareto.png"):
+        if (out / name).is_file():
+            client.log_artifact(parent, str(out / name))
+    first = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    top = sorted(best, key=lambda t: t.values[0], reverse=first)[0]
+    params = {"best_trial": top.number, **{f"best.{k}": v for k, v in top.params.items()},
+              "pareto_trials": " ".join(str(t.number) for t in best)}
+    now = int(_time.time() * 1000)
+    metrics = {f"best/{k}": v for k, v in zip(keys, top.values)}
+    run_id = top.user_attrs.get(RUN_ATTR)
+    if run_id:
+        run = client.get_run(run_id)
+        metrics.update({f"best/{k}": v for k, v in run.data.metrics.items() if k in tracking.MODEL_FIGURES})
+        params["best_run_id"] = run_id
+    have = client.get_run(parent).data.params
+    client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[Param(k, str(v)[:6000]) for k, v in params.items() if k not in have])
+    for k, v in params.items():  # a re-run of the study may change the best trial: params are write-once, tags are not
+        client.set_tag(parent, f"sweep.{k}", str(v)[:5000])
+    return top.number
+
+
 def register_front(study: optuna.Study, uri: str | None) -> dict[int, str]:
     """Register the models of the front's trials in the MLflow model registry as versions of
     ``sweep-<study>``, aliased ``pareto-<trial>`` (``best`` for one objective); a trial keeps its

@@ -102,6 +102,8 @@ TAG_STRENGTH_KNOB = "strength_knob"      # the option that YAML names as its str
 TAG_STRENGTH = "strength"                # its value in this run
 TAG_CONTROL = "control"                  # "none", or the control this run is (random, scratch)
 TAG_HOST = "host"                        # the machine the cell ran (and was timed) on
+TAG_SWEEP_TRIAL = "sweep_trial"          # an Optuna sweep's trial number (set by the sweeper): never a grid cell
+TAG_SWEEP_PARAMS = "sweep_params"        # the values that trial sampled, "amount=0.25 lr=0.001"
 TAG_MODEL_MD5 = "model_md5"              # md5 of the final model file (model/model.pt = paths.model_out)
 TAG_BASELINE_MD5 = "baseline_md5"        # md5 of the baseline model the cell read (prune.baseline_ckpt, budget.match)
 TAG_MEASURE_WINDOW = "measure_window"    # "<start>-<end>" epoch seconds the cell held the node's measurement lock
@@ -187,16 +189,47 @@ TAG_MODEL_URI = "model_uri"       # the run's MLflow logged model, ``models:/m-.
 TAG_MODEL_FLAVOR = "model_flavor" # "pytorch", or "onnx" where the PyTorch flavour cannot hold the model (INT8)
 
 
+# The runs table's preset (MLflow 3's shared views): an experiment tag ``mlflow.sharedViewState.<key>``
+# holds the table's state, which the UI loads from ``#/experiments/<id>/runs?viewStateShareKey=<key>``
+# and lists under "Saved views". It shows the cells (no grid or sweep parent, so no folding), best
+# accuracy first, with the columns people compare.
+GRID_VIEW_KEY = "prunegrid-grid"
+TAG_GRID_VIEW = f"mlflow.sharedViewState.{GRID_VIEW_KEY}"
+TAG_GRID_VIEW_NAME = "prunegrid: the grid's cells"
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"
+
+
+GRID_DELTA, GRID_DELTA_BASE = "grid/acc_delta_pt", "grid/acc_delta_pt_vs_base"   # logged on each cell by the report
+GRID_VIEW_COLUMNS = [_column("metrics", k) for k in ("test/acc", GRID_DELTA, "model/params_nonzero", "speedup/infer",
+                                                     "speedup/infer_onnx", "memory/infer_peak_mb")] + \
+    [_column("tags", "ref_prune")] + [_column("attributes", a) for a in ("Dataset", "Source", "Models")]
+
+
+def grid_view() -> str:
+    """The tag value of the grid's shared view (the UI's saved-view wrapper around its table state)."""
+    import json
+
+    state = {"searchFilter": f"tags.`{TAG_RUN_KIND}` = 'cell'", "orderByKey": _column("metrics", "test/acc"),
+             "orderByAsc": False, "selectedColumns": GRID_VIEW_COLUMNS, "columnOrder": GRID_VIEW_COLUMNS,
+             "runListHidden": False, "viewMaximized": False}
+    return json.dumps({"name": TAG_GRID_VIEW_NAME, "createdAt": 0, "updatedAt": 0, "state": json.dumps(state)})
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created when missing (another process may create it at the same
-    moment) as a model-training experiment."""
+    moment) as a model-training experiment with the grid's runs-table preset (:func:`grid_view`)."""
     exp = client.get_experiment_by_name(name)
     if exp:
         if exp.tags.get(TAG_EXPERIMENT_KIND) is None:
             client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+        if exp.tags.get(TAG_GRID_VIEW) != grid_view():
+            client.set_experiment_tag(exp.experiment_id, TAG_GRID_VIEW, grid_view())
         return exp.experiment_id
     try:
-        return client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        return client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, TAG_GRID_VIEW: grid_view()})
     except mlflow.exceptions.MlflowException:
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -218,7 +251,36 @@ TAG_JOB = "job"
 
 
 def run_name(cell: dict[str, str]) -> str:
+    """The cell's file and stage name (``models/<name>.pt``, DVC's stages, ``grid.json``)."""
     return f"{cell['backbone']}-{cell['prune']}-{cell['dataset']}-{cell['loss']}-s{cell['seed']}"
+
+
+def display_name(cell: dict[str, str], tags: dict[str, str] | None = None, default_loss: str | None = None) -> str:
+    """The MLflow run name: what differs between runs first, so the UI's narrow name column tells them
+    apart. Method with its strength and control (``channel-r0.7-random``), backbone, seed, the loss when
+    it is not ``default_loss``; a sweep trial adds its number and sampled values. The data set is the
+    experiment's name and stays out."""
+    tags = tags or {}
+    parts = [cell["prune"], cell["backbone"], f"s{cell['seed']}"]
+    if cell.get("loss") and cell["loss"] != default_loss:
+        parts.append(cell["loss"])
+    if tags.get(TAG_SWEEP_TRIAL, "") != "":
+        parts.append(f"trial {tags[TAG_SWEEP_TRIAL]}" + (f" ({tags[TAG_SWEEP_PARAMS]})" if tags.get(TAG_SWEEP_PARAMS) else ""))
+    return " · ".join(parts)
+
+
+def unique_name(client: MlflowClient, experiment_id: str, name: str) -> str:
+    """``name``, or ``name #k`` when ``k - 1`` runs of the experiment already carry it (a re-run of a cell)."""
+    quoted = name.replace("\\", "\\\\").replace("'", "\\'")
+    taken = client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{quoted}%'",
+                               max_results=1000)
+    names = {r.info.run_name for r in taken}
+    if name not in names:
+        return name
+    k = 2
+    while f"{name} #{k}" in names:
+        k += 1
+    return f"{name} #{k}"
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -382,7 +444,9 @@ class Tracker:
                 tags = {k: str(v) for k, v in self.tags.items()}
                 if parent_run_id:
                     tags["mlflow.parentRunId"] = parent_run_id
-                run = self.client.create_run(experiment_id(self.client, self.experiment), run_name=self.name, tags=tags)
+                exp_id = experiment_id(self.client, self.experiment)
+                self.name = unique_name(self.client, exp_id, self.name)
+                run = self.client.create_run(exp_id, run_name=self.name, tags=tags)
                 self.run_id = run.info.run_id
                 self.log_params(params)
         try:
@@ -496,10 +560,17 @@ def load_runs(uri: str | None = None, experiments: list[str] | None = None, fini
         return pd.DataFrame()
     out = df[["run_id", "status", "experiment_id", "start_time"]].copy()
     out["run_name"] = df.get("tags.mlflow.runName", "")
-    for t in (*TAGS, "ref_prune", TAG_HOST, TAG_METHOD, TAG_STRENGTH_KNOB, TAG_STRENGTH, TAG_CONTROL):
+    for t in (*TAGS, "ref_prune", TAG_HOST, TAG_METHOD, TAG_STRENGTH_KNOB, TAG_STRENGTH, TAG_CONTROL, TAG_SWEEP_TRIAL):
         out[t] = df[f"tags.{t}"].fillna("") if f"tags.{t}" in df else ""
     for col, values in extra.items():
         out[col] = values[df.index]
+    if cells_only:
+        trials = out["parent_run_id"].isin(_sweep_parent_ids(uri, experiments)) & (out[TAG_SWEEP_TRIAL] == "")
+        out.loc[trials, TAG_SWEEP_TRIAL] = "?"  # nested under a sweep's parent run, logged before the tag existed
+        params = [{k.removeprefix("params."): v for k, v in row.items() if isinstance(v, str) and in_cell_config(k)}
+                  for row in df[[c for c in df.columns if c.startswith("params.")]].to_dict("records")]
+        out["cell_params"] = params
+        out["cell_config"] = [config_md5(p) for p in params]
     metrics = df[[c for c in df.columns if c.startswith("metrics.")]]
     return pd.concat([out, metrics.rename(columns=lambda c: c.removeprefix("metrics."))], axis=1)
 
@@ -582,11 +653,41 @@ class SystemMetrics:
                 self.start()
 
 
-def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None) -> tuple[str, str, str]:
-    """Log the run's final model as an MLflow model (``mlflow.pyfunc.load_model`` predicts with it):
-    the PyTorch flavour with a signature and an input example, else, where that flavour cannot hold
-    or run the model (INT8), the ONNX flavour of its ONNX export. Returns (model URI, flavour, why
-    the PyTorch flavour was not used, or "")."""
+# The figures a logged model carries (its page's Metrics), linked to the model and the data set they were
+# measured on: the final model's, never the epochs'.
+MODEL_FIGURES = ("test/acc", "test/f1_macro", "test/map50", "val/final_acc", "model/params", "model/params_nonzero",
+                 "model/flops", "model/size_mb", "model/size_mb_onnx", "time/infer_ms", "time/infer_ms_onnx",
+                 "speedup/infer", "speedup/infer_onnx", "memory/infer_peak_mb")
+
+
+def model_name(cell: dict[str, str]) -> str:
+    """A logged model's name: the cell's (MLflow refuses ``.`` in it, as in ``channel-r0.7``)."""
+    return run_name(cell).replace(".", "_")
+
+
+def log_model_metrics(uri: str, run_id: str, model_uri: str, metrics: dict[str, float], dataset: str,
+                      digest: str) -> None:
+    """The final figures of :data:`MODEL_FIGURES` in ``metrics`` on the logged model ``model_uri``
+    (``models:/m-...``), with the data set they were measured on (the model page's Datasets used)."""
+    import math
+
+    model_id = model_uri.removeprefix("models:/")
+    now = mlflow.utils.time.get_current_time_millis()
+    items = [mlflow.entities.Metric(k, float(metrics[k]), now, 0, model_id=model_id, dataset_name=dataset,
+                                    dataset_digest=str(digest)[:36], run_id=run_id)
+             for k in MODEL_FIGURES if k in metrics and metrics[k] is not None and math.isfinite(float(metrics[k]))]
+    if items:
+        MlflowClient(uri).log_batch(run_id, metrics=items)
+
+
+def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None, name: str = "model",
+              step: int = 0) -> tuple[str, str, str]:
+    """Log the run's final model as an MLflow model named ``name`` (``mlflow.pyfunc.load_model`` predicts
+    with it): the PyTorch flavour with a signature and an input example, else, where that flavour cannot
+    hold or run the model (INT8), the ONNX flavour of its ONNX export. ``step``: the epoch count the model
+    comes after; MLflow copies the run's metrics of that step onto the model, so a step no epoch logged
+    keeps epoch figures off it (:func:`log_model_metrics` gives it the final ones). Returns (model URI,
+    flavour, why the PyTorch flavour was not used, or "")."""
     import warnings
 
     import mlflow.onnx
@@ -613,7 +714,7 @@ def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None
                 with torch.no_grad():
                     out = net.eval()(torch.from_numpy(example)).numpy()
                 info = mlflow.pytorch.log_model(
-                    net, name=ARTIFACT_MODEL_DIR, run_id=run_id, signature=infer_signature(example, out),
+                    net, name=name, run_id=run_id, step=step, signature=infer_signature(example, out),
                     input_example=example, code_paths=code,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                       f"torchvision=={torchvision.__version__.split('+')[0]}"])
@@ -632,7 +733,7 @@ def log_model(uri: str, run_id: str, net, example, onnx_path: Path | None = None
                 out = sess.run(None, {sess.get_inputs()[0].name: example})[0]
                 from mlflow.models import infer_signature
 
-                info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=ARTIFACT_MODEL_DIR, run_id=run_id,
+                info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name, run_id=run_id, step=step,
                                              signature=infer_signature(example, out), input_example=example,
                                              onnx_execution_providers=["CPUExecutionProvider"],
                                              pip_requirements=["onnxruntime", "onnx"])
@@ -645,10 +746,30 @@ PARENT_KINDS = ("grid", "sweep")        # TAG_RUN_KIND of runs that group others
 CELL_RUN_COLUMNS = {"kind": TAG_RUN_KIND, "model_uri": TAG_MODEL_URI, "parent_run_id": TAG_PARENT_RUN}
 
 
+# Params that name where a run writes or what it reads per seed, not what the cell is: left out of the
+# cell's config digest (``cell_config``), so the seeds of one config share it.
+RUN_LOCAL_PARAMS = ("seed", "resume", "optimized_metric", "prune.baseline_ckpt", "budget.match")
+RUN_LOCAL_PREFIXES = ("paths.", "tracking.", "hydra.")
+
+
+def in_cell_config(column: str) -> bool:
+    key = column.removeprefix("params.")
+    return key not in RUN_LOCAL_PARAMS and not key.startswith(RUN_LOCAL_PREFIXES)
+
+
+def _sweep_parent_ids(uri: str | None, experiments: list[str] | None) -> set[str]:
+    """The run ids of every sweep's parent run (any status: a sweep still running has finished trials)."""
+    df = search_runs(uri, experiment_names=experiments, search_all_experiments=experiments is None,
+                     filter_string=f"tags.`{TAG_RUN_KIND}` = 'sweep'")
+    return set(df["run_id"]) if not df.empty else set()
+
+
 def load_cell_runs(uri: str | None = None, experiments: list[str] | None = None):
     """:func:`load_runs` (FINISHED runs) without the runs that group others (tag ``prunegrid.kind`` =
     ``grid`` or ``sweep``), with the columns ``kind``, ``model_uri`` and ``parent_run_id`` (tags; ""
-    when absent) added: what the grid report reads."""
+    when absent), ``sweep_trial`` (the trial number, ``?`` for a run nested under a sweep's parent without
+    it, "" for no trial), ``cell_params`` (the params that make the cell, :func:`in_cell_config`) and
+    ``cell_config`` (their digest) added: what the grid report reads."""
     return load_runs(uri, experiments, cells_only=True)
 
 

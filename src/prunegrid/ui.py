@@ -23,9 +23,13 @@ VIEW = "workflowType=machine_learning"
 
 
 def experiment_url(server: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The UI address of an experiment's runs table (or of one run) in the model-training view."""
-    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
-    return f"{server.rstrip('/')}/{path}?{VIEW}"
+    """The UI address of an experiment's runs table (or of one run) in the model-training view. The
+    table opens on the grid's preset (:func:`prunegrid.tracking.grid_view`: the cells, best accuracy
+    first, accuracy, delta, non-zero parameters, speed-ups and memory as columns)."""
+    if run_id:
+        return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{VIEW}"
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{VIEW}"
+            f"&viewStateShareKey={tracking.GRID_VIEW_KEY}&compareRunsMode=TABLE")
 
 
 def pick_experiment(uri: str, name: str | None) -> str:
@@ -98,6 +102,8 @@ def serve(a) -> None:
     check_port_free("127.0.0.1", a.port)
     uri = tracking.resolve_uri(a.tracking_uri)
     exp_id = pick_experiment(uri, a.experiment)
+    client = tracking.open_client(uri)
+    tracking.experiment_id(client, client.get_experiment(exp_id).name)  # the preset, also on older experiments
     server = f"http://127.0.0.1:{a.port}"
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(a.port), "--workers", "1"]

@@ -391,8 +391,8 @@ class OptunaSweeperImpl:
             status = "KILLED" if interruption(exc) is not None else "FAILED"
             raise
         finally:
+            self._summary(study, keys, uri, parent)
             self._end_parent(study, uri, parent, status)
-            self._summary(study, keys, uri)
         return study
 
     def _ask(self, study: Any, n: int) -> List[Any]:
@@ -496,7 +496,7 @@ class OptunaSweeperImpl:
             resume = ["resume=true"] if sweep.RESUMES_ATTR in trial.user_attrs else []
             overrides.append((*(f"{k}={_quote(v) if isinstance(v, str) and _needs_quote(v) else v}"
                                 for k, v in values.items()),
-                              *fixed.values(), *extra, *resume))
+                              *fixed.values(), *extra, *resume, *trial_tags(trial.number, values)))
         first = self.job_idx
         self.job.clear()
         self.job.trials.update({first + i: trial for i, trial in enumerate(trials)})
@@ -672,7 +672,7 @@ class OptunaSweeperImpl:
             return optuna.trial.TrialState.FAIL, None, None
         return optuna.trial.TrialState.COMPLETE, values, None
 
-    def _summary(self, study: Any, keys: List[str], uri: Optional[str]) -> None:
+    def _summary(self, study: Any, keys: List[str], uri: Optional[str], parent: Optional[str] = None) -> None:
         from prunegrid import sweep
 
         if not sweep.complete(study):
@@ -680,6 +680,12 @@ class OptunaSweeperImpl:
                   file=sys.stderr)
             return
         out = sweep.write_summary(study, keys, Path(self.report_dir) / str(study.study_name))
+        if parent:
+            try:
+                sweep.publish_to_parent(study, keys, uri, parent, out)
+            except Exception as exc:  # as the registry below: the sweep's results stand without it
+                print(f"prunegrid: sweep {study.study_name}: parent run not updated ({type(exc).__name__}: "
+                      f"{(str(exc).splitlines() or [''])[0][:200]})", file=sys.stderr)
         try:
             sweep.register_front(study, uri)
         except Exception as exc:  # the registry is a convenience: the sweep's results stand without it
@@ -697,6 +703,17 @@ class OptunaSweeperImpl:
         print(f"prunegrid: sweep {study.study_name}: {len(study.trials)} trials ({sweep.complete(study)} complete); "
               f"{'Pareto front' if len(keys) > 1 else 'best trial'} {[t.number for t in best]} -> {out / 'pareto.md'}",
               file=sys.stderr)
+
+
+def trial_tags(number: int, values: Dict[str, Any]) -> List[str]:
+    """Overrides that tag a trial's run with its number and sampled values (``sweep_trial``,
+    ``sweep_params``): its MLflow name says which trial it is, and the grid report keeps it out."""
+    from prunegrid import tracking
+
+    sampled = " ".join(f"{k.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                       for k, v in values.items())
+    return [f"++tracking.tags.{tracking.TAG_SWEEP_TRIAL}={number}",
+            f"++tracking.tags.{tracking.TAG_SWEEP_PARAMS}={_quote(sampled)}"]
 
 
 def _needs_quote(value: str) -> bool:

@@ -1,8 +1,8 @@
 """``python -m prunegrid.report`` / ``prunegrid-report``: write the grid under ``reports/``.
 
     python -m prunegrid.report [--tracking-uri URI] [--experiment NAME ...] [--out reports]
-                               [--runs-from metrics] [--params params.yaml] [--ui http://127.0.0.1:5000]
-                               [--no-mlflow]
+                               [--runs-from metrics] [--params params.yaml] [--ui URL]
+                               [--include-sweeps] [--no-mlflow]
 
 Besides the files, the report nests the selected runs under a grid parent run per experiment (the
 files are its artifacts) and registers each method's best model by ``val/final_acc`` as
@@ -11,6 +11,7 @@ files are its artifacts) and registers each method's best model by ``val/final_a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prunegrid.cli import ArgumentParser, guard
@@ -24,7 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="reports", help="output folder")
     p.add_argument("--runs-from", default=None, help="only the run ids in this folder's per-cell metrics JSON (dvc.yaml)")
     p.add_argument("--params", default=None, help="only the cells of this params.yaml's `grid` section")
-    p.add_argument("--ui", default="http://127.0.0.1:5000", help="MLflow UI address for the run links ('' for bare ids)")
+    p.add_argument("--ui", default=os.environ.get("PRUNEGRID_UI_URL") or None,
+                   help="MLflow UI address the grid's run links point at, e.g. http://127.0.0.1:5000 (default: "
+                        "$PRUNEGRID_UI_URL; unset: bare run ids, no links)")
+    p.add_argument("--include-sweeps", action="store_true",
+                   help="let sweep trials be grid cells (default: they stay out and are named in the notes)")
     p.add_argument("--no-mlflow", action="store_true",
                    help="only read MLflow: no grid parent run, no nesting, no registered models")
     args = p.parse_args(argv)
@@ -42,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
             if not grid:
                 raise g.ReportError(f"{args.params} has no `grid` section; write it with `python -m prunegrid.grid`")
         table = g.build(args.tracking_uri, args.experiment, args.out, ids, grid, args.ui or None,
-                        mlflow_write=not args.no_mlflow)
+                        mlflow_write=not args.no_mlflow, include_sweeps=args.include_sweeps)
     print(g.console(g.seed_means(table)))
-    print(f"\nprunegrid: {len(table)} runs -> {Path(args.out) / 'grid.md'} (+ grid.csv, grid.json, learning_curves.csv, tradeoff.csv, plots)")
+    print(f"\nprunegrid: {len(table)} runs -> {Path(args.out) / 'grid.md'} (+ grid.html, grid.csv, grid.json, learning_curves.csv, tradeoff.csv, plots)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The comparison grid of CONTRACT.md: per-seed rows, seed means with spread, budgets, plots.
 
-Runs are read only through :func:`prunegrid.tracking.load_runs`. For each cell (backbone,
-prune, dataset, loss, seed) the latest FINISHED run is kept. Relative columns compare a row
+Runs are read only through :func:`prunegrid.tracking.load_runs`. A cell is chosen by its config, not
+its tags alone (:func:`latest_per_cell`): each seed takes its latest FINISHED run of the config of the
+cell's latest run, sweep trials stay out unless asked for, and every run left out is named in the notes. Relative columns compare a row
 with rows of the same backbone, dataset, loss and seed:
 
 - ``acc_delta_pt = 100 * (acc - ref.acc)`` against the row's **equal-budget reference**
@@ -56,6 +57,7 @@ from prunegrid import tracking
 from prunegrid.budget import BASELINE, TAG_REF_PRUNE, is_baseline_family
 from prunegrid.errors import ConfigError
 import prunegrid.report.figures as figures
+import prunegrid.report.html as page_html
 import prunegrid.report.publish as publish
 import prunegrid.report.tradeoff as trade
 
@@ -66,6 +68,10 @@ BASE_COLUMNS = KEYS + list(tracking.GRID_METRICS)
 BUDGET = ["budget_epochs", "budget_images", "converged", "ref_prune", "ref_budget_epochs"]
 RELATIVE = ["params_reduction_pct", "flops_reduction_pct", "acc_delta_pt", "acc_delta_pt_vs_base", "epoch_speedup",
             "infer_speedup"]
+RELATIVE_TITLES = {"params_reduction_pct": "non-zero parameters removed (%)", "flops_reduction_pct": "FLOPs removed (%)",
+                   "acc_delta_pt": "accuracy vs equal-budget reference (pt)",
+                   "acc_delta_pt_vs_base": "accuracy vs plain baseline (pt)",
+                   "epoch_speedup": "training epoch speed-up (x)", "infer_speedup": "inference speed-up, eager (x)"}
 OPTIONAL = list(tracking.GRID_OPTIONAL_METRICS)
 HOST = tracking.TAG_HOST
 # Absolute times, which only compare on one machine: not averaged over seeds that ran on different hosts.
@@ -77,7 +83,7 @@ CROSS_HOST = "timed on several hosts: no mean of absolute times"
 SPEEDUPS = list(tracking.GRID_SPEEDUPS)  # infer_speedup, infer_speedup_mt, ..., infer_speedup_onnx_batch
 QUARTILES = ("_q25", "_q75")
 FILES = ("grid.csv", "grid_seeds.csv", "grid.md", "grid.json", "learning_curves.csv", "acc_vs_params.png",
-         "acc_vs_latency.png", "relative.png")
+         "acc_vs_latency.png", "relative.png", "grid.html")
 CURVES_FILE = "learning_curves.csv"  # per-epoch metrics; "curves" alone would clash with the trade-off curves
 CURVES_DIR = "learning_curves"  # learning_curves/learning_curves_<backbone>.png: one folder, so dvc.yaml declares them whatever the backbones
 TRADEOFFS = (("params_nonzero", "acc_vs_params.png", "non-zero parameters", True),
@@ -97,17 +103,68 @@ def _ratio(num: pd.Series, den: pd.Series) -> pd.Series:
     return (num / den).where((den > 0) & (num > 0))
 
 
-def latest_per_cell(runs: pd.DataFrame) -> pd.DataFrame:
-    """The latest FINISHED run of each cell (runs without the cell tags, and runs that group others,
-    tag ``prunegrid.kind`` = ``grid`` or ``sweep``, are ignored)."""
+def latest_per_cell(runs: pd.DataFrame, include_sweeps: bool = False) -> pd.DataFrame:
+    """One run per cell and seed, chosen by the cell's config, with the runs left out named in ``other_runs``.
+
+    Only FINISHED runs with the cell tags count; runs that group others (tag ``prunegrid.kind`` = ``grid``
+    or ``sweep``) never do, and sweep trials (tag ``sweep_trial``, or nested under a sweep's parent run)
+    only with ``include_sweeps``. Tags alone do not make a cell: the latest run of a (backbone, prune,
+    dataset, loss) fixes its config (``cell_config``: every param but the seed and where the run writes),
+    and each seed takes its latest FINISHED run of that config. Older runs of the config, runs of another
+    config and the sweep trials left out are listed by id in ``other_runs`` (the grid's notes)."""
     if runs.empty:
         return runs
     if "kind" in runs:
         runs = runs[~runs["kind"].isin(tracking.PARENT_KINDS)]
     runs = runs[runs.get("status", "FINISHED") == "FINISHED"]
     runs = runs[[all(str(v) for v in row) for row in runs[KEYS].itertuples(index=False)]] if len(runs) else runs
-    runs = runs.sort_values("start_time").drop_duplicates(KEYS, keep="last")
-    return runs.reset_index(drop=True)
+    runs = runs.sort_values("start_time", kind="stable").copy()
+    if "cell_config" not in runs:
+        runs["cell_config"] = ""
+    trial = runs.get(tracking.TAG_SWEEP_TRIAL, pd.Series("", index=runs.index)).fillna("").astype(str) != ""
+    left_out = runs[trial] if not include_sweeps else runs.iloc[:0]
+    runs = runs[~trial] if not include_sweeps else runs
+    chosen, notes_of = [], {}
+    for key, group in runs.groupby(GROUP_KEYS, sort=False):
+        config = group["cell_config"].iloc[-1]
+        notes = []
+        for _, seed in group.groupby("seed", sort=False):
+            same = seed[seed["cell_config"] == config]
+            if same.empty:
+                notes.append(f"seed {seed['seed'].iloc[0]} left out, only runs of another config: "
+                             + _ids(seed, group.iloc[-1]))
+                continue
+            pick = same.iloc[-1]
+            chosen.append(pick.name)
+            older, other = same.iloc[:-1], seed[seed["cell_config"] != config]
+            if len(older):
+                notes.append(f"older runs of seed {pick['seed']}: {_ids(older)}")
+            if len(other):
+                notes.append(f"seed {pick['seed']}, runs of another config: {_ids(other, pick)}")
+        trials = left_out[(left_out[GROUP_KEYS] == pd.Series(key, index=GROUP_KEYS)).all(axis=1)]
+        if len(trials):
+            notes.append(f"sweep trials left out: {_ids(trials)}")
+        notes_of[key] = "; ".join(notes)
+    out = runs.loc[chosen].copy()
+    out["other_runs"] = [notes_of[tuple(r)] for r in out[GROUP_KEYS].itertuples(index=False)]
+    return out.reset_index(drop=True)
+
+
+def _ids(runs: pd.DataFrame, against: pd.Series | None = None, most: int = 4) -> str:
+    """``ab12cd34, ef56...`` (short run ids, the first ``most``); with ``against``, each with the params
+    its config differs in."""
+    def one(r: pd.Series) -> str:
+        text = str(r["run_id"])[:8]
+        if r.get(tracking.TAG_SWEEP_TRIAL):
+            text += f" (trial {r[tracking.TAG_SWEEP_TRIAL]})"
+        if against is not None and isinstance(r.get("cell_params"), dict) and isinstance(against.get("cell_params"), dict):
+            a, b = r["cell_params"], against["cell_params"]
+            differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            if differ:
+                text += f" ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''} differ)"
+        return text
+    shown = [one(r) for _, r in runs.iloc[::-1].head(most).iterrows()]
+    return ", ".join(shown) + (f" and {len(runs) - most} more" if len(runs) > most else "")
 
 
 def _ref_of(prune: str, tag) -> str:
@@ -116,9 +173,10 @@ def _ref_of(prune: str, tag) -> str:
     return prune if is_baseline_family(prune) else BASELINE
 
 
-def rows(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-seed grid rows: CONTRACT columns, budget columns, relative columns, optional columns, ``run_id``."""
-    cells = latest_per_cell(runs)
+def rows(runs: pd.DataFrame, include_sweeps: bool = False) -> pd.DataFrame:
+    """Per-seed grid rows: CONTRACT columns, budget columns, relative columns, optional columns, ``run_id``
+    and ``other_runs`` (:func:`latest_per_cell`)."""
+    cells = latest_per_cell(runs, include_sweeps)
     if cells.empty:
         raise ReportError("no FINISHED runs with the cell tags (backbone, prune, dataset, loss, seed); run the grid first")
     out = cells[KEYS + ["run_id", "experiment_id"]].copy()
@@ -155,7 +213,8 @@ def rows(runs: pd.DataFrame) -> pd.DataFrame:
 
     speedups = [c + q for c in SPEEDUPS for q in ("", *QUARTILES) if c + q not in RELATIVE and out[c + q].notna().any()]
     optional = [c for c in OPTIONAL + DETECTION_RELATIVE + ["train_total_s"] if out[c].notna().any()]
-    out = out[BASE_COLUMNS + BUDGET + RELATIVE + speedups + optional + [HOST, "run_id", "experiment_id"]]
+    out["other_runs"] = cells["other_runs"]
+    out = out[BASE_COLUMNS + BUDGET + RELATIVE + speedups + optional + [HOST, "run_id", "other_runs", "experiment_id"]]
     return _ordered(out, ["_s"], _s=pd.to_numeric(out["seed"], errors="coerce"))
 
 
@@ -170,7 +229,7 @@ def _ordered(table: pd.DataFrame, extra: list[str], **cols) -> pd.DataFrame:
 
 
 def _numeric(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns if c not in KEYS + ["run_id", "experiment_id", "ref_prune", HOST]]
+    return [c for c in table.columns if c not in KEYS + ["run_id", "experiment_id", "ref_prune", HOST, "other_runs"]]
 
 
 def seed_means(grid: pd.DataFrame) -> pd.DataFrame:
@@ -189,6 +248,8 @@ def seed_means(grid: pd.DataFrame) -> pd.DataFrame:
         out[f"{c}_std"] = std[c].where(hosts <= 1) if c in HOST_TIMES else std[c]
     if HOST in grid:
         out[HOST] = g[HOST].agg(lambda s: "/".join(dict.fromkeys(s)))
+    if "other_runs" in grid:
+        out["other_runs"] = g["other_runs"].agg(lambda s: "; ".join(dict.fromkeys(x for x in s if x)))
     return _ordered(out.reset_index(), [])
 
 
@@ -283,7 +344,11 @@ def _deployment(col: str) -> str:
 
 
 def _link(run_id: str, exp_id: str, ui: str | None) -> str:
-    return f"[{run_id[:8]}]({ui.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id})" if ui else run_id
+    if not ui:
+        return run_id
+    from prunegrid.ui import experiment_url
+
+    return f"[{run_id[:8]}]({experiment_url(ui, exp_id, run_id)})"
 
 
 def sentinels(means: pd.DataFrame) -> dict[tuple[str, str, str], float]:
@@ -335,6 +400,8 @@ def notes(r: pd.Series, noisy: dict[tuple[str, str, str], float] | None = None) 
         out.append(f"Pareto front ({', '.join(front)})")
     if np.isfinite(r.get("converged", np.nan)) and r["converged"] < 1:
         out.append(f"{CAP} ({int(round((1 - r['converged']) * n))}/{n} seeds)")
+    if r.get("other_runs"):
+        out.append(f"not used: {r['other_runs']}")
     return out
 
 
@@ -414,7 +481,7 @@ def markdown(grid: pd.DataFrame, means: pd.DataFrame, ui: str | None = None, ext
         lines.append("| " + " | ".join([str(r[k]) for k in GROUP_KEYS] + vals + ["; ".join(notes(r, noisy))]) + " |")
     lines += speedup_table(means)
     lines += list(extra)
-    per = [c for c in grid.columns if c != "experiment_id"]
+    per = [c for c in grid.columns if c not in ("experiment_id", "other_runs")]
     lines += ["", "## Per seed", "", "| " + " | ".join(per) + " |", "|" + "---|" * len(per)]
     for _, r in grid.iterrows():
         cells = [_link(r["run_id"], r["experiment_id"], ui) if c == "run_id" else _fmt(c, r[c]) for c in per]
@@ -470,13 +537,18 @@ def plots(means: pd.DataFrame, out: Path) -> list[Path]:
                                                   by=HOST if x == "infer_ms" and HOST in means else None), out / name)
              for x, name, xlabel, log in TRADEOFFS]
     labels = [_label(r, means) for _, r in means.iterrows()]
-    fig, axes = plt.subplots(1, len(RELATIVE), figsize=(3.2 * len(RELATIVE), 4), sharey=False)
-    for ax, col in zip(axes, RELATIVE):
+    ncols = 3
+    nrows = -(-len(RELATIVE) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows + 0.25 * max(map(len, labels), default=0)),
+                             sharey=False, squeeze=False)
+    for ax in axes.flat[len(RELATIVE):]:
+        ax.set_visible(False)
+    for ax, col in zip(axes.flat, RELATIVE):
         vals = means[col].fillna(0.0)
         ax.bar(range(len(means)), vals, yerr=_std(means, col), capsize=3,
                color=["tab:gray" if is_baseline_family(p) else "tab:blue" for p in means["prune"]])
-        ax.set_xticks(range(len(means)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(col, fontsize=9)
+        ax.set_xticks(range(len(means)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(RELATIVE_TITLES.get(col, col), fontsize=10)
         ax.axhline(1.0 if col.endswith("speedup") else 0.0, color="k", lw=0.6)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -544,9 +616,29 @@ def write_curves(uri: str, table: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def method_of(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """Each prune label's method and strength, from its runs' tags: ``channel-r0.7`` -> (``channel``, ``ratio 0.7``)."""
+    out = {}
+    for _, r in runs.iterrows():
+        label = str(r["prune"])
+        if label in out:
+            continue
+        knob, value = str(r.get(tracking.TAG_STRENGTH_KNOB) or ""), str(r.get(tracking.TAG_STRENGTH) or "")
+        out[label] = (str(r.get(tracking.TAG_METHOD) or "") or label, f"{knob} {value}".strip() if value else "")
+    return out
+
+
+def write_html(table: pd.DataFrame, means: pd.DataFrame, runs: pd.DataFrame, out: Path, ui: str | None) -> Path:
+    """``grid.html`` (:mod:`prunegrid.report.html`) from the tables and the figures already written under ``out``."""
+    noisy = sentinels(means)
+    figs = [out / name for _, name, *_ in TRADEOFFS] + [out / name for _, name, _ in trade.FIGURES] + [out / "relative.png"]
+    return page_html.write(means, table, figs, ["; ".join(notes(r, noisy)) for _, r in means.iterrows()],
+                           method_of(runs), out, ui)
+
+
 def build(uri: str | None = None, experiments: list[str] | None = None, out: str | Path = "reports",
           run_ids: Iterable[str] | None = None, grid: dict | None = None, ui: str | None = None,
-          mlflow_write: bool = True, log=print) -> pd.DataFrame:
+          mlflow_write: bool = True, log=print, include_sweeps: bool = False) -> pd.DataFrame:
     """Read the runs, write ``grid.csv`` (seed means), ``grid_seeds.csv``, ``grid.md``, ``grid.json``,
     ``learning_curves.csv``, ``tradeoff.csv`` and the figures under ``out``; return the per-seed rows. With ``mlflow_write``, also
     nest the selected runs under a grid parent run per experiment (which gets the files as artifacts)
@@ -559,7 +651,7 @@ def build(uri: str | None = None, experiments: list[str] | None = None, out: str
     runs = select(runs, run_ids, grid)
     if runs.empty:
         raise ReportError(f"none of the selected runs is in {uri}; check --tracking-uri / --experiment")
-    table = rows(runs)
+    table = rows(runs, include_sweeps)
     means = mark_fronts(seed_means(table))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -573,6 +665,8 @@ def build(uri: str | None = None, experiments: list[str] | None = None, out: str
     try:
         if parents:
             publish.nest(uri, parents, cells, log)
+        if mlflow_write:
+            publish.log_deltas(uri, table)
         regs = publish.register_best(uri, cells, names, log) if mlflow_write else []
         files = [out / n for n in FILES[:4]]
         means.to_csv(out / "grid.csv", index=False)
@@ -582,6 +676,7 @@ def build(uri: str | None = None, experiments: list[str] | None = None, out: str
                                                                  *mlflow_markdown(parents, names, regs, ui)]))
         (out / "grid.json").write_text(json.dumps(to_json(table.drop(columns=["experiment_id"]), means), indent=1))
         files += trade_files + write_curves(uri, table, out) + plots(means, out)
+        files.append(write_html(table, means, runs, out, ui))
         status = "FINISHED"
     finally:
         if parents:

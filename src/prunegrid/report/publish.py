@@ -186,14 +186,41 @@ def nest(uri: str, parents: dict[str, str], cells: pd.DataFrame, log: Callable[[
     return nested
 
 
+def log_deltas(uri: str, table: pd.DataFrame) -> None:
+    """Each cell's delta against its equal-budget reference and the plain baseline, as the report computed
+    them, logged on the cell's run (``grid/acc_delta_pt``, ``grid/acc_delta_pt_vs_base``): the runs table's
+    preset shows them beside ``test/acc``."""
+    from mlflow.entities import Metric
+
+    client, now = MlflowClient(uri), int(time.time() * 1000)
+    for _, r in table.iterrows():
+        values = {tracking.GRID_DELTA: r.get("acc_delta_pt"), tracking.GRID_DELTA_BASE: r.get("acc_delta_pt_vs_base")}
+        metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if v is not None and np.isfinite(v)]
+        if metrics:
+            client.log_batch(r["run_id"], metrics=metrics)
+
+
+def description(experiment_id: str, run_id: str, files: list[Path]) -> str:
+    """The grid parent's description (``mlflow.note.content``, markdown): a link that opens ``grid.html`` in
+    this run's artifact view, where the UI renders it."""
+    text = ("The comparison grid: every selected cell run is nested under this run; the report's tables and "
+            "figures are its artifacts (grid.md, grid.csv, *.png).")
+    if any(Path(f).name == "grid.html" for f in files):
+        text = (f"**[Open the grid page (grid.html)](#/experiments/{experiment_id}/runs/{run_id}/artifacts/grid.html)**"
+                " — the sortable summary, the trade-off and Pareto figures and every seed.\n\n" + text)
+    return text
+
+
 def finish(uri: str, parents: dict[str, str], files: list[Path], status: str = "FINISHED") -> None:
-    """Log ``files`` (at the artifact root) on every parent run and end it with ``status``."""
+    """Log ``files`` (at the artifact root) on every parent run, link ``grid.html`` from its description and
+    end it with ``status``."""
     client = MlflowClient(uri)
-    for run_id in parents.values():
+    for exp_id, run_id in parents.items():
         try:
             if status == "FINISHED":
                 for f in files:
                     client.log_artifact(run_id, str(f))
+                client.set_tag(run_id, "mlflow.note.content", description(exp_id, run_id, files))
         except BaseException:
             client.set_terminated(run_id, "FAILED")
             raise
