@@ -286,7 +286,7 @@ def test_an_interrupted_trial_is_fail_and_the_next_sweep_runs_it_again_with_resu
     assert again.state == STATES.COMPLETE and again.user_attrs[sweep.RESUMES_ATTR] == 1
     assert again.params == cut.params and again.value == pytest.approx(0.3)
     assert impl.launcher.overrides[0][:3] == [f"prune.amount={cut.params['prune.amount']}", "prune=l1_static", "resume=true"]
-    assert impl.launcher.overrides[0][3:] == trial_tags(1, cut.params)
+    assert impl.launcher.overrides[0][3:] == trial_tags(again.number, cut.params)   # the new trial's own number
 
 
 @pytest.mark.parametrize("name", PRESETS)
