@@ -203,8 +203,8 @@ def _column(kind: str, key: str) -> str:
 
 
 GRID_DELTA, GRID_DELTA_BASE = "grid/acc_delta_pt", "grid/acc_delta_pt_vs_base"   # logged on each cell by the report
-GRID_VIEW_COLUMNS = [_column("metrics", k) for k in ("test/acc", GRID_DELTA, "model/params_nonzero", "speedup/infer",
-                                                     "speedup/infer_onnx", "memory/infer_peak_mb")] + \
+GRID_VIEW_COLUMNS = [_column("metrics", k) for k in (GRID_METRICS["acc"], GRID_DELTA, GRID_METRICS["params_nonzero"],
+                                                     speedup_key(), speedup_key("_onnx"), GRID_METRICS["infer_peak_mb"])] + \
     [_column("tags", "ref_prune")] + [_column("attributes", a) for a in ("Dataset", "Source", "Models")]
 
 
@@ -655,9 +655,10 @@ class SystemMetrics:
 
 # The figures a logged model carries (its page's Metrics), linked to the model and the data set they were
 # measured on: the final model's, never the epochs'.
-MODEL_FIGURES = ("test/acc", "test/f1_macro", "test/map50", "val/final_acc", "model/params", "model/params_nonzero",
-                 "model/flops", "model/size_mb", "model/size_mb_onnx", "time/infer_ms", "time/infer_ms_onnx",
-                 "speedup/infer", "speedup/infer_onnx", "memory/infer_peak_mb")
+MODEL_FIGURES = (*(GRID_METRICS[k] for k in ("acc", "f1_macro", "params", "params_nonzero", "flops", "size_mb",
+                                              "infer_ms", "infer_peak_mb")),
+                 "test/map50", VAL_FINAL_METRICS[0], "model/size_mb_onnx", infer_key("_onnx"),
+                 speedup_key(), speedup_key("_onnx"))
 
 
 def model_name(cell: dict[str, str]) -> str:
